@@ -1,0 +1,8 @@
+"""`splitinfer ...` commands. Each concern registers its commands from its own module."""
+
+from splitinfer.cli.app import app, main  # noqa: F401
+from splitinfer.cli import split_cmds  # noqa: F401,E402  (registers split, verify, cuts)
+from splitinfer.cli import profile_cmds  # noqa: F401,E402  (registers profile, calibrate)
+from splitinfer.cli import runtime_cmds  # noqa: F401,E402  (registers up, deploy, infer, results, status, demo)
+
+__all__ = ["app", "main"]

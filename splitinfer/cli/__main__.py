@@ -1,0 +1,3 @@
+from splitinfer.cli import main
+
+main()

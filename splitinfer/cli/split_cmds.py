@@ -1,0 +1,211 @@
+"""split, verify, cuts: the splitter's commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from splitinfer.cli.app import UserError, app, console, user_errors
+
+MODEL_HELP = "a .keras file or keras.applications:NAME (built with weights=None)"
+SHAPE_HELP = "input shape without batch, e.g. 224x224x3 (keras.applications default 224x224x3)"
+
+
+def _load_graph(model: str, input_shape: Optional[str], seed: int = 0):
+    from splitinfer.splitter import ModelGraph, load_source_model, parse_shape
+
+    with console.status(f"loading {model}"):
+        return ModelGraph(load_source_model(model, parse_shape(input_shape), seed=seed))
+
+
+def _parse_cuts(text: str) -> list[list[str]]:
+    """`a:0,b:0+c:0`: cut after a:0, then after the frontier {b:0, c:0}."""
+    cuts = [[t.strip() for t in group.split("+") if t.strip()] for group in text.split(",") if group.strip()]
+    if not cuts:
+        raise UserError("--cuts is empty")
+    return cuts
+
+
+def _parse_partition(path: Path) -> dict[str, str]:
+    """A JSON object {operation: group} or a list of lists of operations."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read partition {path}: {exc}") from None
+    if isinstance(data, dict):
+        return {str(k): str(v) for k, v in data.items()}
+    if isinstance(data, list) and all(isinstance(g, list) for g in data):
+        return {str(op): str(i) for i, group in enumerate(data) for op in group}
+    raise UserError(f"partition {path} must be {{operation: group}} or [[operations], ...]")
+
+
+@app.command()
+@user_errors
+def split(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
+    parts: Optional[int] = typer.Option(None, "--parts", "-n", help="number of parts, balanced by FLOPs"),
+    cuts: Optional[str] = typer.Option(
+        None, "--cuts", help="cut tensors, comma separated; join tensors that must be cut together with +"
+    ),
+    partition: Optional[Path] = typer.Option(None, "--partition", help="JSON {operation: group}: any acyclic partition"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),
+    seed: int = typer.Option(0, help="seed for the random weights of keras.applications models"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
+):
+    """Split MODEL into parts that compose back exactly, and write them with a manifest."""
+    from splitinfer.splitter import balanced_cuts, save_split, split_at_cuts, split_by_groups
+
+    chosen = [x is not None for x in (parts, cuts, partition)]
+    if sum(chosen) != 1:
+        raise UserError("give exactly one of --parts, --cuts or --partition")
+    graph = _load_graph(model, input_shape, seed)
+    if parts is not None:
+        from splitinfer.monitor import node_flops
+
+        if parts < 1:
+            raise UserError("--parts must be at least 1")
+        with console.status("counting FLOPs per operation"):
+            costs = node_flops(graph)
+        specs = split_at_cuts(graph, balanced_cuts(graph, costs, parts))
+    elif cuts is not None:
+        specs = split_at_cuts(graph, _parse_cuts(cuts))
+    else:
+        specs = split_by_groups(graph, _parse_partition(partition))
+    with Progress(
+        TextColumn("saving parts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+        transient=True, disable=as_json,
+    ) as progress:
+        task = progress.add_task("save", total=len(specs))
+        manifest = save_split(graph, specs, out, origin=model, progress=lambda _: progress.advance(task))
+    if as_json:
+        print(json.dumps({"split_id": manifest.split_id, "out": str(out), "parts": _part_rows(manifest)}))
+        return
+    table = Table(title=f"{manifest.source.name} in {len(manifest.parts)} parts -> {out}")
+    for col in ("part", "ops", "inputs", "outputs", "out bytes"):
+        table.add_column(col, justify="right" if col in ("ops", "out bytes") else "left")
+    for row in _part_rows(manifest):
+        table.add_row(row["name"], str(row["operations"]), ", ".join(row["inputs"]), ", ".join(row["outputs"]),
+                      f"{row['output_bytes']:,}")
+    console.print(table)
+
+
+def _part_rows(manifest) -> list[dict]:
+    import numpy as np
+
+    def nbytes(t) -> int:
+        return int(np.prod([d or 1 for d in t.shape])) * np.dtype(t.dtype).itemsize
+
+    return [
+        {
+            "name": p.name,
+            "operations": len(p.operations),
+            "inputs": [t.name for t in p.inputs],
+            "outputs": [t.name for t in p.outputs],
+            "output_bytes": sum(nbytes(t) for t in p.outputs),
+        }
+        for p in manifest.parts
+    ]
+
+
+@app.command()
+@user_errors
+def verify(
+    directory: Path = typer.Argument(..., help="a split directory with manifest.json"),
+    samples: int = typer.Option(2, "--samples", "-k", help="random inputs to compare on"),
+    seed: int = typer.Option(0),
+    tolerance: Optional[float] = typer.Option(None, help="max abs error allowed (default from settings, 1e-4)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Run the saved parts composed as the manifest says and compare with the full model."""
+    from splitinfer.settings import get_settings
+    from splitinfer.splitter import verify_split
+
+    if samples < 1:
+        raise UserError("--samples must be at least 1")
+    tol = get_settings().verify_tolerance if tolerance is None else tolerance
+    with console.status(f"verifying {directory}"):
+        report = verify_split(directory, samples=samples, seed=seed)
+    report["tolerance"] = tol
+    report["ok"] = report["max_abs_error"] <= tol
+    if as_json:
+        print(json.dumps(report))
+    else:
+        mark = "[green]ok[/]" if report["ok"] else "[red]MISMATCH[/]"
+        console.print(
+            f"{mark} {report['model']} in {report['parts']} parts, {samples} samples: "
+            f"{report['tensors_compared']} handed-over tensors compared, "
+            f"max abs error {report['max_abs_error']:.3g} (tolerance {tol:g})"
+        )
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def cuts(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),
+    batch: int = typer.Option(1, help="batch size the live bytes are given for"),
+    as_json: bool = typer.Option(False, "--json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw the cut points along the model (PNG)"),
+):
+    """List the valid single-tensor cut points with the bytes live at each."""
+    graph = _load_graph(model, input_shape)
+    rows = cut_point_rows(graph, batch)
+    if plot is not None:
+        plot_cut_points(graph, rows, plot)
+    if as_json:
+        print(json.dumps({"model": graph.model.name, "operations": len(graph.compute_nodes), "cut_points": rows}))
+        return
+    table = Table(title=f"{graph.model.name}: {len(rows)} cut points over {len(graph.compute_nodes)} operations")
+    for col in ("#", "tensor", "after op #", "shape", "bytes"):
+        table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
+    for i, r in enumerate(rows):
+        table.add_row(str(i), r["tensor"], str(r["position"]), "x".join(str(d) for d in r["shape"][1:]), f"{r['bytes']:,}")
+    console.print(table)
+    if plot is not None:
+        console.print(f"plot written to {plot}")
+
+
+def cut_point_rows(graph, batch: int = 1) -> list[dict]:
+    rows = []
+    for t in graph.cut_points():
+        info = graph.tensors[t]
+        rows.append(
+            {
+                "tensor": t,
+                "position": graph.index[info.producer],
+                "shape": [batch if d is None else d for d in info.shape],
+                "dtype": info.dtype,
+                "bytes": info.nbytes(batch),
+            }
+        )
+    return rows
+
+
+def plot_cut_points(graph, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [max(graph.tensors[t].nbytes() for t in node.outputs) if node.outputs else 0
+             for node in graph.nodes.values()]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.plot(range(len(sizes)), [s / 1024 for s in sizes], color="0.7", lw=1, label="output size of each operation")
+    ax.scatter([r["position"] for r in rows], [r["bytes"] / 1024 for r in rows], color="tab:red", s=18, zorder=3,
+               label="valid cut point (live bytes)")
+    ax.set_yscale("log")
+    ax.set_xlabel("operation (topological order)")
+    ax.set_ylabel("KiB (batch 1)")
+    ax.set_title(f"{graph.model.name}: {len(rows)} single-tensor cut points")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""One place for configuration: SPLITINFER_* environment variables or a .env-style file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from splitinfer.messages import LinkSpec, PowerSpec
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPLITINFER_",
+        env_file=None,
+        extra="ignore",
+    )
+
+    broker_url: str = "amqp://guest:guest@localhost:5672/"
+    namespace: str = Field(default="splitinfer", pattern=r"^[A-Za-z0-9_.-]+$")
+    cache_dir: Path = Path.home() / ".cache" / "splitinfer"
+    # Each server process gets this many intra-op threads so several processes don't each claim every core.
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    # Largest tensor message accepted on the data plane (must fit rabbitmq.conf max_message_size).
+    max_message_bytes: int = 64 * 1024 * 1024
+    verify_tolerance: float = 1e-4
+
+    # --- actor runtime (CORE: actors/base.py, model_server.py, registry.py, model_pool.py)
+    heartbeat_interval_s: float = 2.0       # actors push a Heartbeat on <ns>.control this often
+    liveness_timeout_s: float = 6.0         # the registry calls an actor dead after this long without one
+    prefetch: int = 32                      # unacked deliveries per consumer (must exceed the join buffer's needs)
+    join_timeout_s: float = 30.0            # a join's partial inputs wait this long, then an error result
+    join_buffer: int = 256                  # partial requests a server holds per part before refusing the oldest
+    max_batch: int = 8                      # ready requests of one part run together as one batch
+    done_cache: int = 20000                 # request ids remembered per part, for idempotent redelivery
+    standby_delay_s: float = 2.0            # replicas subscribe as standby on the other replicas' queues after this
+    drain_timeout_s: float = 5.0            # on SIGTERM, finish in-flight work this long, then hand it back
+    rpc_timeout_s: float = 15.0
+    queue_expires_s: float | None = None    # x-expires on namespace queues (tests set it so they clean up)
+    pool_dir: Path | None = None            # model pool storage; default <cache_dir>/pool/<namespace>
+    pool_chunk_bytes: int = 1024 * 1024     # part files travel in chunks of this size
+    # Result store: sqlite:///relative.db, sqlite:////absolute.db; empty means <cache_dir>/results.db.
+    result_store_url: str = ""
+    # A job with no deadline of its own gets this one (seconds from submission).
+    job_deadline_s: float = Field(default=30.0, gt=0)
+
+    # --- sites, link emulation, monitors (issue 5: splitinfer.monitor.links / runtime, actors/monitors.py)
+    # Off by default. On: a tensor that crosses from site A to site B waits, at its receiver, RTT + bytes/bandwidth
+    # of link "A-B" (the planner's hop cost), transfers on one directed link in FIFO order.
+    emulate_links: bool = False
+    links: dict[str, LinkSpec] = Field(default_factory=dict)  # "siteA-siteB" -> LinkSpec, symmetric; env: JSON
+    default_link: LinkSpec = Field(default_factory=LinkSpec)  # unlisted pairs of sites: no delay
+    slowdown: float = Field(default=1.0, ge=1.0)  # a model server's compute takes this many times longer
+    speed_gflops: float | None = None       # configured speed, reported when no cached calibration exists
+    battery: bool | None = None             # report a battery (None: only servers at site "device")
+    power: PowerSpec = Field(default_factory=PowerSpec)  # the simulated battery's energy model
+    battery_capacity_j: float = Field(default=40_000.0, gt=0)  # simulated battery (about 11 Wh)
+    probe_interval_s: float = Field(default=10.0, ge=0)      # network monitor: one round of probes this often; 0: off
+    probe_bytes: int = Field(default=256 * 1024, ge=1024)    # the large probe; the small one is empty
+    probe_rounds: int = Field(default=3, ge=1)               # probes of each size per measurement (median)
+
+    def results_url(self) -> str:
+        return self.result_store_url or f"sqlite:///{self.cache_dir / 'results.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

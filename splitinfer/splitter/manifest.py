@@ -1,0 +1,93 @@
+"""The deployment manifest: the one JSON document that says what each part takes, gives and who consumes it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+MANIFEST_FORMAT = "splitinfer.manifest"
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SOURCE_FILE = "source.keras"
+
+
+class TensorSpec(BaseModel):
+    name: str
+    shape: list[int | None]
+    dtype: str
+
+
+class PartOutput(TensorSpec):
+    consumers: list[str] = Field(default_factory=list, description="parts that take this tensor as input")
+    final: bool = Field(False, description="a final output of the model")
+
+
+class PartEntry(BaseModel):
+    name: str
+    file: str
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[PartOutput]
+    operations: list[str]
+
+
+class SourceModel(BaseModel):
+    name: str
+    sha256: str = Field(description="model_hash: architecture and weights")
+    origin: str = Field(description="the .keras path or keras.applications:NAME it came from")
+    file: str | None = Field(SOURCE_FILE, description="the full model saved next to the parts, for verify")
+    file_sha256: str | None = None
+
+
+class Manifest(BaseModel):
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+    split_id: str
+    source: SourceModel
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    output_keys: list[str] | None = None
+    parts: list[PartEntry]
+
+    def part(self, name: str) -> PartEntry:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> "Manifest":
+        from splitinfer.splitter.graph import SplitError
+
+        path = Path(directory)
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        if not path.exists():
+            raise SplitError(f"no manifest at {path}")
+        try:
+            manifest = cls.model_validate_json(path.read_bytes())
+        except ValueError as exc:
+            first = str(exc).splitlines()[0]
+            raise SplitError(f"invalid manifest {path}: {first}") from None
+        if manifest.format != MANIFEST_FORMAT or manifest.version != MANIFEST_VERSION:
+            raise SplitError(f"{path} is {manifest.format} v{manifest.version}, expected {MANIFEST_FORMAT} v{MANIFEST_VERSION}")
+        return manifest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,166 @@
+"""Turning cuts or groups of operations into parts: which nodes each part runs, what it takes and gives."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from splitinfer.splitter.graph import ModelGraph, SplitError
+
+
+@dataclass
+class PartSpec:
+    name: str
+    nodes: list[str]
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+def _finish(graph: ModelGraph, groups: list[list[str]]) -> list[PartSpec]:
+    """Name the groups part0..partN and fill their inputs/outputs from the graph's edges."""
+    owner = {n: i for i, g in enumerate(groups) for n in g}
+    finals = set(graph.outputs)
+    parts = []
+    for i, nodes in enumerate(groups):
+        inputs: dict[str, None] = {}
+        outputs: dict[str, None] = {}
+        for n in nodes:
+            for t in graph.nodes[n].unique_inputs:
+                if owner.get(graph.tensors[t].producer) != i:
+                    inputs[t] = None
+            for t in graph.nodes[n].outputs:
+                info = graph.tensors[t]
+                if t in finals or any(owner.get(c) != i for c in info.consumers):
+                    outputs[t] = None
+        parts.append(PartSpec(f"part{i}", list(nodes), list(inputs), list(outputs)))
+    return parts
+
+
+def split_by_groups(graph: ModelGraph, groups: Mapping[str, Hashable]) -> list[PartSpec]:
+    """Any partition of the compute nodes whose quotient graph is acyclic; parts come in topological order."""
+    compute = graph.compute_nodes
+    missing = [n for n in compute if n not in groups]
+    if missing:
+        raise SplitError(f"partition leaves {len(missing)} operation(s) unassigned, first {missing[0]!r}")
+    unknown = [n for n in groups if n not in graph.nodes or graph.nodes[n].is_input]
+    if unknown:
+        raise SplitError(f"partition names unknown operation {unknown[0]!r}")
+    members: dict[Hashable, list[str]] = {}
+    for n in compute:
+        members.setdefault(groups[n], []).append(n)
+    edges: dict[Hashable, set] = {g: set() for g in members}
+    indeg = {g: 0 for g in members}
+    for n in compute:
+        for t in graph.nodes[n].unique_inputs:
+            p = graph.tensors[t].producer
+            if graph.nodes[p].is_input:
+                continue
+            a, b = groups[p], groups[n]
+            if a != b and b not in edges[a]:
+                edges[a].add(b)
+                indeg[b] += 1
+    first = {g: graph.index[m[0]] for g, m in members.items()}
+    ready = sorted((g for g, d in indeg.items() if d == 0), key=first.get)
+    order = []
+    while ready:
+        g = ready.pop(0)
+        order.append(g)
+        for h in edges[g]:
+            indeg[h] -= 1
+            if indeg[h] == 0:
+                ready.append(h)
+        ready.sort(key=first.get)
+    if len(order) != len(members):
+        stuck = sorted((g for g in members if g not in order), key=first.get)
+        raise SplitError(f"partition is cyclic: groups {[str(g) for g in stuck[:4]]} depend on each other")
+    return _finish(graph, [members[g] for g in order])
+
+
+def split_at_cuts(graph: ModelGraph, frontiers: Sequence[str | Sequence[str]]) -> list[PartSpec]:
+    """Cut after each frontier: a tensor, or a set of tensors (a list, or names joined by '+') that together
+    are all that is live there.
+
+    The part before a frontier is its tensors' producers with every ancestor; a frontier that does not
+    account for every tensor crossing that boundary does not separate the graph and is refused.
+    """
+    full = (1 << len(graph.order)) - 1
+    inputs_mask = graph.mask_of(graph.input_nodes)
+    prefixes: list[tuple[int, list[str]]] = []
+    for frontier in frontiers:
+        tensors = [t.strip() for t in frontier.split("+")] if isinstance(frontier, str) else list(frontier)
+        if not tensors:
+            raise SplitError("empty cut")
+        label = "+".join(tensors)
+        prefix = inputs_mask
+        for t in tensors:
+            info = graph.tensor(t)
+            if graph.nodes[info.producer].is_input:
+                raise SplitError(f"tensor {t!r} is a model input; a cut must come after an operation")
+            prefix |= graph.ancestor_masks[graph.index[info.producer]]
+        crossing = graph.crossing(prefix)
+        extra = [t for t in crossing if t not in tensors]
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise SplitError(
+                f"cut at {label} does not separate the graph: {', '.join(extra[:3])}{more} also cross it "
+                f"(see `splitinfer cuts` for valid cut points, or cut at {'+'.join([*tensors, *extra])})"
+            )
+        if not [n for n in graph.names_in(full & ~prefix) if not graph.nodes[n].is_input]:
+            raise SplitError(f"cut at {label} leaves nothing to run after it")
+        prefixes.append((prefix, tensors))
+    prefixes.sort(key=lambda p: bin(p[0]).count("1"))
+    for (a, ta), (b, tb) in zip(prefixes, prefixes[1:]):
+        if a == b:
+            raise SplitError(f"cuts {'+'.join(ta)} and {'+'.join(tb)} fall at the same place")
+        if a & ~b:
+            raise SplitError(
+                f"cuts {'+'.join(ta)} and {'+'.join(tb)} lie on parallel branches; cut them together as "
+                f"{'+'.join([*ta, *tb])}"
+            )
+    groups, done = [], inputs_mask
+    for prefix in [p for p, _ in prefixes] + [full]:
+        groups.append([n for n in graph.names_in(prefix & ~done)])
+        done = prefix
+    return _finish(graph, groups)
+
+
+def balanced_cuts(graph: ModelGraph, costs: Mapping[str, float], n_parts: int) -> list[str]:
+    """Choose n_parts-1 single-tensor cut points minimising the most expensive part (exact DP)."""
+    if n_parts < 1:
+        raise SplitError("--parts must be at least 1")
+    points = graph.cut_points()
+    if n_parts - 1 > len(points):
+        raise SplitError(
+            f"cannot make {n_parts} parts: {graph.model.name} has only {len(points)} valid cut point(s), "
+            f"so at most {len(points) + 1} parts"
+        )
+    if n_parts == 1:
+        return []
+    weight = [float(costs.get(n, 0.0)) for n in graph.order]
+    total = sum(weight)
+
+    def prefix_cost(t: str) -> float:
+        mask = graph.ancestor_masks[graph.index[graph.tensors[t].producer]]
+        return sum(w for i, w in enumerate(weight) if mask >> i & 1)
+
+    cum = [0.0] + [prefix_cost(t) for t in points] + [total]
+    m, k = len(cum), n_parts
+    inf = float("inf")
+    # best[j][c]: minimal max-part cost covering up to boundary j with c parts
+    best = [[inf] * (k + 1) for _ in range(m)]
+    back = [[-1] * (k + 1) for _ in range(m)]
+    best[0][0] = 0.0
+    for j in range(1, m):
+        for c in range(1, k + 1):
+            for i in range(c - 1, j):
+                if best[i][c - 1] == inf:
+                    continue
+                v = max(best[i][c - 1], cum[j] - cum[i])
+                if v < best[j][c]:
+                    best[j][c], back[j][c] = v, i
+    chosen, j = [], m - 1
+    for c in range(k, 0, -1):
+        j = back[j][c]
+        if j > 0:
+            chosen.append(points[j - 1])
+    return sorted(chosen, key=lambda t: graph.index[graph.tensors[t].producer])

@@ -1,0 +1,36 @@
+"""Profiling (per-operation FLOPs, params, output bytes, latency; machine calibration) and the cost model's
+latency prediction; runtime monitors' pure parts (`links`: link emulation, `runtime`: load, speed, battery).
+Pure: imports no broker code.
+
+The names below load on first use (PEP 562): the profiling modules import TensorFlow, and an actor that only
+needs `splitinfer.monitor.links` (the front end) should not pay for it.
+"""
+
+from importlib import import_module
+
+_LAZY = {
+    "Calibration": "calibrate", "calibrate": "calibrate", "load_or_calibrate": "calibrate",
+    "predict_latency": "calibrate", "predict_part_latency": "calibrate", "speed_factor": "calibrate",
+    "node_flops": "flops", "whole_model_profiler_flops": "flops",
+    "MachineInfo": "machine", "apply_threads": "machine", "machine_info": "machine",
+    "CostFit": "profile", "CutProfile": "profile", "ModelProfile": "profile", "OpProfile": "profile",
+    "SegmentProfile": "profile", "Totals": "profile", "build_profile": "profile", "measure_parts": "profile",
+    "profile_model": "profile",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitinfer.monitor' has no attribute {name!r}")
+    value = getattr(import_module(f"splitinfer.monitor.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "Calibration", "CostFit", "CutProfile", "MachineInfo", "ModelProfile", "OpProfile", "SegmentProfile",
+    "Totals", "apply_threads", "build_profile", "calibrate", "load_or_calibrate", "machine_info", "measure_parts",
+    "node_flops",
+    "predict_latency", "predict_part_latency", "profile_model", "speed_factor", "whole_model_profiler_flops",
+]

@@ -1,0 +1,135 @@
+"""`splitinfer profile` and `splitinfer calibrate`: bad inputs are one line and a non-zero exit; good ones give JSON,
+a profile file and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from splitinfer import _tf  # noqa: F401
+from splitinfer.monitor.machine import apply_threads
+
+try:
+    apply_threads(1, 1)  # as settings.intra_op_threads: the in-process CLI then finds TF already matching
+except RuntimeError:
+    pass
+
+from splitinfer.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    from splitinfer.settings import get_settings
+
+    monkeypatch.setenv("SPLITINFER_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    yield tmp_path / "cache"
+    get_settings.cache_clear()
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code != 0, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["/nonexistent/model.keras"], "not found"),
+        (["keras.applications:NoSuchNet"], "unknown model"),
+        (["keras.applications:MobileNetV3Small", "--input-shape", "8x8x3"], "cannot build"),
+        (["keras.applications:MobileNetV3Small", "--input-shape", "224x224"], "cannot build"),
+        (["keras.applications:MobileNetV3Small", "--input-shape", "axb"], "not a list of integers"),
+        (["keras.applications:MobileNetV3Small", "--input-shape", "0x224x3"], "positive"),
+        (["keras.applications:MobileNetV3Small", "--batch", "0"], "--batch"),
+        (["keras.applications:MobileNetV3Small", "--rounds", "1"], "--rounds"),
+    ],
+)
+def test_profile_bad_input_is_one_line(args, needle):
+    line = _one_line_error(runner.invoke(app, ["profile", *args]))
+    assert needle in line
+
+
+def test_profile_not_a_keras_archive(tmp_path):
+    bad = tmp_path / "broken.keras"
+    bad.write_text("not a zip")
+    assert "not a valid .keras" in _one_line_error(runner.invoke(app, ["profile", str(bad)]))
+    other = tmp_path / "model.h5"
+    other.write_text("x")
+    assert "not a .keras file" in _one_line_error(runner.invoke(app, ["profile", str(other)]))
+
+
+def test_profile_wrong_shape_for_a_saved_model(tmp_path):
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, keras.layers.Conv2D(4, 3)(inp))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    line = _one_line_error(runner.invoke(app, ["profile", str(path), "--input-shape", "16x16x3"]))
+    assert "takes inputs of shape" in line
+
+
+def test_profile_saved_model_json_out_and_plot(tmp_path, private_cache):
+    import keras
+
+    inp = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inp, keras.layers.Dense(10, name="head")(x), name="tiny")
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    args = ["profile", str(path), "--json", "--out", str(out), "--plot", str(png), "--rounds", "5", "--segments", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == "tiny" and data["format"] == "splitinfer.profile"
+    assert [o["name"] for o in data["ops"]] == ["image", "c1", "pool", "c2", "gap", "head"]
+    assert data["totals"]["flops"] == data["totals"]["profiler_flops"] > 0
+    assert json.loads(out.read_text()) == data
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((private_cache / "profiles").glob("*.json"))
+    # the table output names the totals
+    table = runner.invoke(app, ["profile", str(path)])
+    assert table.exit_code == 0 and "whole model" in table.output
+
+
+def test_calibrate_json(private_cache):
+    result = runner.invoke(app, ["calibrate", "--json", "--rounds", "5"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["format"] == "splitinfer.calibration"
+    for key in ("conv_gflops", "dense_gflops", "memory_gbps", "call_overhead_ms"):
+        assert data[key] > 0
+    assert (private_cache / "calibration" / f"{data['machine']['fingerprint']}.json").exists()
+    assert "--rounds" in _one_line_error(runner.invoke(app, ["calibrate", "--rounds", "0"]))
+
+
+def test_profile_command_in_a_fresh_process(tmp_path):
+    """The real entry point: progress on stderr, JSON on stdout, exit 0; a bad shape exits 1 with one line."""
+    env = {**os.environ, "SPLITINFER_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "splitinfer.cli", "profile", "keras.applications:MobileNetV3Small",
+           "--input-shape", "96x96x3", "--json", "--rounds", "5", "--segments", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(done.stdout)
+    assert data["input_shapes"] == [[96, 96, 3]] and data["machine"]["intra_op_threads"] == 1
+    bad = subprocess.run(cmd[:5] + ["--input-shape", "5x5x3"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 1
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in bad.stderr

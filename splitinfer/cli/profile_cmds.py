@@ -137,7 +137,7 @@ def calibrate(
         raise UserError("--rounds must be at least 3")
     _set_threads(threads)
     from splitinfer.monitor.cache import calibration_path
-    from splitinfer.monitor.calibrate import calibrate as measure
+    from splitinfer.monitor.calibration import calibrate as measure
 
     with _progress(as_json) as progress:
         task = progress.add_task("calibrating", total=rounds)

@@ -9,8 +9,8 @@ needs `splitinfer.monitor.links` (the front end) should not pay for it.
 from importlib import import_module
 
 _LAZY = {
-    "Calibration": "calibrate", "calibrate": "calibrate", "load_or_calibrate": "calibrate",
-    "predict_latency": "calibrate", "predict_part_latency": "calibrate", "speed_factor": "calibrate",
+    "Calibration": "calibration", "calibrate": "calibration", "load_or_calibrate": "calibration",
+    "predict_latency": "calibration", "predict_part_latency": "calibration", "speed_factor": "calibration",
     "node_flops": "flops", "whole_model_profiler_flops": "flops",
     "MachineInfo": "machine", "apply_threads": "machine", "machine_info": "machine",
     "CostFit": "profile", "CutProfile": "profile", "ModelProfile": "profile", "OpProfile": "profile",

@@ -48,7 +48,7 @@ def cached_speed_gflops(cache_dir=None) -> float | None:
     measuring anything: None when there is none. Costs a TF import (a model server has it anyway)."""
     try:
         from splitinfer.monitor.cache import calibration_path
-        from splitinfer.monitor.calibrate import Calibration
+        from splitinfer.monitor.calibration import Calibration
         from splitinfer.monitor.machine import machine_info
 
         path = calibration_path(machine_info().fingerprint, cache_dir)

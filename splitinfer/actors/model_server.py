@@ -1,0 +1,628 @@
+"""Model server: serves parts of deployments, each as one compiled tf.function, over `<ns>.tensors`.
+
+Per hosted part (deployment D, part P, replica k of n):
+- declares P's consistent-hash exchange (bound to `<ns>.tensors` with P's input keys) and the n replica queues
+  (topology.declare_part); consumes its own queue r<k> at once and, after settings.standby_delay_s, the other
+  replicas' queues as a standby (x-single-active-consumer: a standby gets a queue only when its active consumer
+  is gone, e.g. kill -9; RabbitMQ requeues the dead one's unacked inputs to it, so a join's inputs still meet in
+  one process); when a replica's owner (re)registers, a standby that took over its queue gives it back (cancels
+  that consumer, hands its partial joins back with nack-requeue) and stands by again, so a restarted replica
+  carries its share again;
+- validates every delivery: decodes (size, depth, dtype, shape x itemsize), checks the tensor is one of P's inputs
+  with the manifest's dtype and shape, and that the AMQP header request_id matches; a bad one gets an ErrorResult
+  on `<ns>.results` and is rejected into `<ns>.dead`;
+- a join (several inputs) gathers a request's inputs in a bounded buffer (settings.join_buffer requests); a request
+  whose inputs do not all arrive within settings.join_timeout_s gets an error result and its inputs go to `<ns>.dead`;
+- complete requests go to one worker thread, batched per part up to settings.max_batch; each output is published
+  once to `<ns>.tensors` with key `<D>.<tensor>` and header request_id, carrying the hops so far plus this one;
+- inputs are acked only when all the outputs they caused are confirmed (off the critical path: the worker is
+  already on the next batch); a request id already served is acked without recomputing (bounded LRU).
+
+Run: see splitinfer/actors/__init__.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from splitinfer.actors.base import Actor, header_str, run_actor
+from splitinfer.actors.monitors import NetworkMonitor, ServerMonitor, follow_links
+from splitinfer.actors.topology import declare_control_queue, declare_part
+from splitinfer.messages import (
+    Hop,
+    LoadPart,
+    MessageError,
+    PartRef,
+    Register,
+    Reply,
+    ServerState,
+    TensorMessage,
+    UnloadPart,
+    check_tensor,
+    encode,
+)
+from splitinfer.settings import Settings
+
+
+@dataclass
+class Pending:
+    """A join's inputs received so far for one request."""
+
+    request_id: str
+    tensors: dict[str, TensorMessage] = field(default_factory=dict)
+    messages: dict[str, AbstractIncomingMessage] = field(default_factory=dict)
+    received: dict[str, float] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+    queue: int = 0  # replica queue the inputs came from (all of a request's inputs hash to the same one)
+
+
+@dataclass
+class WorkItem:
+    part: "HostedPart"
+    request_id: str
+    tensors: dict[str, TensorMessage]
+    messages: list[AbstractIncomingMessage]
+    received: dict[str, float]
+    ready_at: float
+
+
+class HostedPart:
+    def __init__(self, deployment: str, entry, compiled, replica: int, replicas: int, done_cache: int):
+        self.deployment = deployment
+        self.entry = entry
+        self.name = entry.name
+        self.compiled = compiled
+        self.replica = replica
+        self.replicas = replicas
+        self.inputs = {t.name: t for t in entry.inputs}
+        self.outputs = list(entry.outputs)
+        self.pending: collections.OrderedDict[str, Pending] = collections.OrderedDict()
+        self.done: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # requests queued or running here -> further deliveries of their inputs (a redelivery after a channel
+        # loss), settled together with the original instead of computing the request twice
+        self.running: dict[str, list[AbstractIncomingMessage]] = {}
+        self.done_cache = done_cache
+        self.queues: list[AbstractQueue] = []
+        self.tags: list[tuple[AbstractQueue, str]] = []
+        self.standby_tags: dict[int, str] = {}  # replica queue k (not ours) -> our standby consumer tag
+        self.active = True
+
+    @property
+    def ref(self) -> PartRef:
+        return PartRef(deployment=self.deployment, part=self.name, replica=self.replica, replicas=self.replicas)
+
+    def mark_done(self, request_id: str) -> None:
+        self.done[request_id] = None
+        self.done.move_to_end(request_id)
+        while len(self.done) > self.done_cache:
+            self.done.popitem(last=False)
+
+
+def parse_part_spec(spec: str) -> tuple[str, int, int]:
+    """`part3` -> (part3, 0, 1); `part3@1/2` -> (part3, 1, 2)."""
+    m = re.fullmatch(r"([^@\s]+)(?:@(\d+)/(\d+))?", spec.strip())
+    if not m:
+        raise ValueError(f"bad part spec {spec!r}: use NAME or NAME@REPLICA/REPLICAS")
+    name, k, n = m.group(1), int(m.group(2) or 0), int(m.group(3) or 1)
+    if not 0 <= k < n:
+        raise ValueError(f"bad part spec {spec!r}: replica must be in 0..{n - 1}")
+    return name, k, n
+
+
+class ModelServer(Actor):
+    kind = "model_server"
+
+    def __init__(self, actor_id: str, settings: Settings | None = None, *, site: str = "", capacity: float = 1.0,
+                 split_dir: Path | None = None, deployment: str | None = None,
+                 parts: list[tuple[str, int, int]] | None = None, slowdown: float | None = None,
+                 battery: bool | None = None, power=None):
+        super().__init__(actor_id, settings, site=site, capacity=capacity)
+        # emulated slower device: each compute is followed by (slowdown - 1) x its time of idling in the worker loop
+        self.slowdown = max(1.0, slowdown if slowdown is not None else self.settings.slowdown)
+        self.monitor = ServerMonitor(self, self.slowdown, battery, power=power)
+        self.network = NetworkMonitor(self)
+        self.split_dir = Path(split_dir) if split_dir else None
+        self.deployment = deployment
+        self.initial_parts = parts or []
+        self.parts: dict[tuple[str, str], HostedPart] = {}
+        self._ready: collections.deque[WorkItem] = collections.deque()
+        self._ready_event = asyncio.Event()
+        self._loading: dict[tuple[str, str], asyncio.Task] = {}
+        self._busy = 0
+        self._probe = None
+
+    # ------------------------------------------------------------------ setup
+    async def setup(self) -> None:
+        _configure_tf(self.settings)
+        self._ready_event = asyncio.Event()
+        q = await declare_control_queue(
+            self.channel, self.names, f"{self.names.ns}.server.{self.id}",
+            [self.names.load_key(self.id), self.names.unload_key(self.id), "register.*"],
+            expires_s=self.settings.queue_expires_s)
+        await self.consume(q, self._on_control)
+        await follow_links(self)  # SetLinks orders and network probes
+        if self.monitor.speed_gflops is None:
+            from splitinfer.monitor.runtime import cached_speed_gflops
+
+            self.monitor.speed_gflops = await self.run_in_worker(cached_speed_gflops, self.settings.cache_dir)
+        self.network.start()
+        self.spawn(self._worker(), name="worker")
+        if self.initial_parts:
+            await asyncio.gather(*(self.load_part(self.deployment, name, k, n) for name, k, n in self.initial_parts))
+
+    def hosted_parts(self) -> list[PartRef]:
+        return [p.ref for p in self.parts.values()]
+
+    async def heartbeat_state(self) -> ServerState:
+        state = await super().heartbeat_state()
+        state.load = float(len(self._ready) + self._busy)
+        for p in self.parts.values():
+            if p.queues:
+                try:  # on a channel of its own: a passive declare of a deleted queue closes the channel
+                    if self._probe is None or self._probe.is_closed:
+                        self._probe = await self.connection.channel()
+                    q = await self._probe.declare_queue(p.queues[p.replica].name, passive=True)
+                    state.queue_depths[q.name] = int(q.declaration_result.message_count or 0)
+                except Exception:
+                    self._probe = None
+        return self.monitor.fill(state)
+
+    # ------------------------------------------------------------------ loading parts
+    async def load_part(self, deployment: str | None, part: str, replica: int = 0, replicas: int = 1) -> HostedPart:
+        """Load (from the local split or the model pool), warm up, declare and consume. Idempotent per part."""
+        if self.split_dir is not None and deployment is None:
+            from splitinfer.splitter.manifest import Manifest
+
+            deployment = Manifest.load(self.split_dir).split_id
+            self.deployment = deployment
+        if not deployment:
+            raise ValueError("a deployment id is needed to load parts from the model pool")
+        key = (deployment, part)
+        if key in self.parts:
+            return self.parts[key]
+        if key in self._loading:
+            return await self._loading[key]
+        task = asyncio.ensure_future(self._load(deployment, part, replica, replicas))
+        self._loading[key] = task
+        try:
+            return await task
+        finally:
+            self._loading.pop(key, None)
+
+    async def _load(self, deployment: str, part: str, replica: int, replicas: int) -> HostedPart:
+        t0 = time.time()
+        if self.split_dir is not None:
+            directory = self.split_dir
+            from splitinfer.splitter.manifest import Manifest
+
+            manifest = Manifest.load(directory)
+        else:
+            from splitinfer.actors.model_pool import fetch_deployment
+
+            directory = self.settings.cache_dir / "parts" / self.names.ns / deployment
+            manifest = await fetch_deployment(self, deployment, directory, parts=[part])
+        entry = manifest.part(part)
+        compiled = await self.run_in_worker(_load_and_warm, directory, entry, self.settings.max_batch)
+        hp = HostedPart(deployment, entry, compiled, replica, replicas, self.settings.done_cache)
+        hp.queues = await declare_part(self.channel, self.names, deployment, part, [t.name for t in entry.inputs],
+                                       replicas, expires_s=self.settings.queue_expires_s)
+        self.parts[(deployment, part)] = hp
+        tag = await self.consume(hp.queues[replica], self._handler(hp, replica), prefetch=self._prefetch(hp))
+        hp.tags.append((hp.queues[replica], tag))
+        if replicas > 1:
+            self.spawn(self._standby(hp, [k for k in range(replicas) if k != replica]), name="standby")
+        self.log("part_loaded", deployment=deployment, part=part, replica=replica, replicas=replicas,
+                 load_s=round(time.time() - t0, 3))
+        await self.publish("control", self.names.register_key(self.id), self.registration(), mandatory=False)
+        return hp
+
+    def _prefetch(self, hp: HostedPart) -> int:
+        """A join's consumer may hold up to join_buffer partial requests (n-1 of n inputs each) and must still get
+        the inputs that complete them: a prefetch below that would stall until the join timeout."""
+        return self.settings.prefetch + self.settings.join_buffer * (len(hp.inputs) - 1)
+
+    async def _standby(self, hp: HostedPart, replicas: list[int]) -> None:
+        """Wait on the other replicas' queues as a single-active-consumer standby (after a delay, so that at a
+        common start each replica becomes the active consumer of its own queue)."""
+        await asyncio.sleep(self.settings.standby_delay_s)
+        if self.stopping or not hp.active:
+            return
+        for k in replicas:
+            if k not in hp.standby_tags:
+                q = hp.queues[k]
+                tag = await self.consume(q, self._handler(hp, k), prefetch=self._prefetch(hp))
+                hp.standby_tags[k] = tag
+                hp.tags.append((q, tag))
+        self.log("standby", part=hp.name, queues=[hp.queues[k].name for k in replicas])
+
+    async def _give_back_queue(self, hp: HostedPart, k: int) -> None:
+        """Replica k's owner (re)registered: stop standing in for it on its queue, so the broker makes the owner
+        the active consumer again; partial joins taken from that queue go back to it; then stand by again."""
+        tag = hp.standby_tags.pop(k, None)
+        if tag is None:
+            return
+        await self.cancel(hp.queues[k], tag)
+        hp.tags = [(q, t) for q, t in hp.tags if t != tag]
+        handed = 0
+        for rid, pend in list(hp.pending.items()):
+            if pend.queue == k:
+                hp.pending.pop(rid, None)
+                if pend.timer:
+                    pend.timer.cancel()
+                for m in pend.messages.values():
+                    await self.nack(m, requeue=True)
+                handed += 1
+        self.log("queue_given_back", part=hp.name, queue=hp.queues[k].name, partial_joins=handed)
+        await self._standby(hp, [k])
+
+    async def unload_part(self, deployment: str, part: str) -> bool:
+        hp = self.parts.pop((deployment, part), None)
+        if hp is None:
+            return False
+        hp.active = False
+        for q, tag in hp.tags:
+            await self.cancel(q, tag)
+        await self._hand_back(hp)
+        self.log("part_unloaded", deployment=deployment, part=part)
+        return True
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            msg = self.decode(message, expect=(LoadPart, UnloadPart, Register))
+        except MessageError as err:
+            await self.dead_letter(message, err)
+            return
+        await self.ack(message)
+        if isinstance(msg, Register):
+            if msg.actor_id != self.id:
+                for ref in msg.parts:
+                    hp = self.parts.get((ref.deployment, ref.part))
+                    if hp is not None and ref.replica != hp.replica and ref.replica in hp.standby_tags:
+                        self.spawn(self._give_back_queue(hp, ref.replica), name="give_back")
+            return
+        if isinstance(msg, UnloadPart):
+            ok = await self.unload_part(msg.deployment, msg.part)
+            await self.reply(message, Reply(ok=ok, message="unloaded" if ok else "not hosted"))
+            return
+
+        async def _do() -> None:
+            try:
+                await self.load_part(msg.deployment, msg.part, msg.replica, msg.replicas)
+                await self.reply(message, Reply(ok=True, message=f"{msg.part} loaded on {self.id}"))
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.log.error("load_failed", deployment=msg.deployment, part=msg.part, error=reason)
+                await self.publish_error(None, "load_failed", f"{msg.part}: {reason}", deployment=msg.deployment)
+                await self.reply(message, Reply(ok=False, message=reason))
+
+        self.spawn(_do(), name="load")
+
+    # ------------------------------------------------------------------ data plane
+    def _handler(self, hp: HostedPart, queue: int):
+        async def handle(message: AbstractIncomingMessage) -> None:
+            await self._on_tensor(hp, message, queue)
+
+        return handle
+
+    async def _on_tensor(self, hp: HostedPart, message: AbstractIncomingMessage, queue: int = 0) -> None:
+        now = time.time()
+        try:
+            msg = self.decode(message, expect=TensorMessage)
+            assert isinstance(msg, TensorMessage)
+            if msg.deployment != hp.deployment:
+                raise MessageError(f"tensor for deployment {msg.deployment!r} on a queue of {hp.deployment!r}",
+                                   "wrong_deployment", msg.request_id)
+            spec = hp.inputs.get(msg.tensor)
+            if spec is None:
+                raise MessageError(f"{msg.tensor!r} is not an input of {hp.name}", "wrong_tensor", msg.request_id)
+            check_tensor(msg.array, spec.shape, spec.dtype, msg.tensor, msg.request_id)
+            if header_str(message, "request_id") != msg.request_id:
+                raise MessageError("AMQP header request_id does not match the message's request_id",
+                                   "bad_header", msg.request_id)
+        except MessageError as err:
+            await self.dead_letter(message, err, deployment=hp.deployment)
+            return
+        # link emulation: a tensor from another site arrives RTT + bytes/bandwidth later (0 when off)
+        delay = self.links.delay(msg.site, self.site, msg.array.nbytes, now)
+        if delay > 0:
+            await asyncio.sleep(delay)
+            now = time.time()
+        self.monitor.add_radio(self.links.wire_s(msg.site, self.site, msg.array.nbytes))
+        rid = msg.request_id
+        if message.redelivered:
+            self.stats["redelivered"] = self.stats.get("redelivered", 0) + 1
+        if rid in hp.done:
+            self.log("duplicate", part=hp.name, request_id=rid, redelivered=message.redelivered)
+            await self.ack(message)
+            return
+        if rid in hp.running:
+            self.log("duplicate_in_progress", part=hp.name, request_id=rid)
+            hp.running[rid].append(message)
+            return
+        if msg.deadline is not None and now > msg.deadline:
+            self.log.warning("expired", part=hp.name, request_id=rid)
+            await self.ack(message)
+            return
+        if len(hp.inputs) == 1:
+            self._enqueue(WorkItem(hp, rid, {msg.tensor: msg}, [message], {msg.tensor: now}, now))
+            return
+        pend = hp.pending.get(rid)
+        if pend is None:
+            while hp.pending and len(hp.pending) >= max(1, self.settings.join_buffer):
+                _, oldest = hp.pending.popitem(last=False)
+                await self._fail_pending(hp, oldest, "join_buffer_full",
+                                         f"{hp.name}: join buffer full ({self.settings.join_buffer} requests)")
+            pend = hp.pending[rid] = Pending(rid, queue=queue)
+            pend.timer = asyncio.get_running_loop().call_later(
+                self.settings.join_timeout_s, lambda: self.spawn(self._join_timeout(hp, rid)))
+        old = pend.messages.get(msg.tensor)
+        if old is not None:  # the same input twice (redelivery after a channel loss): keep the newest
+            await self.ack(old)
+        pend.tensors[msg.tensor] = msg
+        pend.messages[msg.tensor] = message
+        pend.received[msg.tensor] = now
+        if len(pend.tensors) == len(hp.inputs):
+            hp.pending.pop(rid, None)
+            if pend.timer:
+                pend.timer.cancel()
+            self._enqueue(WorkItem(hp, rid, pend.tensors, list(pend.messages.values()), pend.received, now))
+
+    async def _join_timeout(self, hp: HostedPart, rid: str) -> None:
+        pend = hp.pending.pop(rid, None)
+        if pend is not None:
+            missing = [t for t in hp.inputs if t not in pend.tensors]
+            await self._fail_pending(hp, pend, "join_timeout",
+                                     f"{hp.name}: inputs {missing} did not arrive within {self.settings.join_timeout_s}s")
+
+    async def _fail_pending(self, hp: HostedPart, pend: Pending, code: str, reason: str) -> None:
+        if pend.timer:
+            pend.timer.cancel()
+        first = True
+        for m in pend.messages.values():
+            if first:
+                await self.dead_letter(m, MessageError(reason, code, pend.request_id), deployment=hp.deployment)
+                first = False
+            else:
+                self._inflight.pop(id(m), None)
+                with contextlib.suppress(Exception):
+                    await m.reject(requeue=False)
+
+    def _enqueue(self, item: WorkItem) -> None:
+        item.part.running.setdefault(item.request_id, [])
+        self._ready.append(item)
+        self._ready_event.set()
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                await self._work()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let one bad batch stop the server's only worker
+                self.log.error("worker_error", error=f"{type(exc).__name__}: {exc}")
+
+    async def _work(self) -> None:
+        while True:
+            if not self._ready:
+                self._ready_event.clear()
+                await self._ready_event.wait()
+                continue
+            first = self._ready.popleft()
+            batch = [first]
+            if self.settings.max_batch > 1:
+                rest = collections.deque()
+                while self._ready and len(batch) < self.settings.max_batch:
+                    it = self._ready.popleft()
+                    (batch if it.part is first.part else rest).append(it)
+                rest.extend(self._ready)
+                self._ready = rest
+            for it in [it for it in batch if not it.part.active]:  # unloaded meanwhile: hand back
+                await self._settle_extras(it, requeue=True)
+                for m in it.messages:
+                    await self.nack(m, requeue=True)
+            batch = [it for it in batch if it.part.active]
+            if not batch:
+                continue
+            self._busy = len(batch)
+            started = time.time()
+            try:
+                outs, compute_s = await self.run_in_worker(_run_batch, first.part.compiled, [it.tensors for it in batch])
+                if self.slowdown > 1.0:  # a slower device: the worker (this server's only compute) stays busy
+                    extra = (self.slowdown - 1.0) * compute_s
+                    await asyncio.sleep(extra)
+                    compute_s += extra
+                self.monitor.add_compute(compute_s)
+            except Exception as exc:
+                reason = f"{first.part.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                for it in batch:
+                    await self._fail_item(it, "compute_failed", reason)
+                continue
+            finally:
+                self._busy = 0
+            for it, out in zip(batch, outs):
+                try:
+                    self._publish_outputs(it, out, started, compute_s, len(batch))
+                except MessageError as err:
+                    await self._fail_item(it, err.code, f"{first.part.name}: {err.reason}")
+                except Exception as exc:  # e.g. an output dtype the wire does not allow: fail this request only
+                    await self._fail_item(it, "bad_output", f"{first.part.name}: {type(exc).__name__}: "
+                                                            f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+    async def _fail_item(self, it: WorkItem, code: str, reason: str) -> None:
+        pend = Pending(it.request_id, it.tensors, {str(i): m for i, m in enumerate(it.messages)})
+        await self._fail_pending(it.part, pend, code, reason)
+        await self._settle_extras(it, requeue=False, dead=True)
+
+    async def _settle_extras(self, it: WorkItem, requeue: bool = False, dead: bool = False, ok: bool = False) -> None:
+        """Settle the duplicate deliveries that arrived while the request was queued or running."""
+        for m in it.part.running.pop(it.request_id, []):
+            if ok:
+                await self.ack(m)
+            elif dead:
+                self._inflight.pop(id(m), None)
+                with contextlib.suppress(Exception):
+                    await m.reject(requeue=False)
+            else:
+                await self.nack(m, requeue=requeue)
+
+    def _publish_outputs(self, it: WorkItem, out: dict[str, np.ndarray], started: float, compute_s: float,
+                         batch: int) -> None:
+        hp = it.part
+        first_in, last_in = min(it.received.values()), max(it.received.values())
+        hops: list[Hop] = []
+        seen: set[tuple[str, str]] = set()
+        for t in it.tensors.values():
+            for h in t.hops:
+                if (h.part, h.server) not in seen:
+                    seen.add((h.part, h.server))
+                    hops.append(h)
+        hops.append(Hop(part=hp.name, server=self.id,
+                        transfer_s=max(0.0, max(it.received[n] - t.sent_at for n, t in it.tensors.items())),
+                        join_wait_s=last_in - first_in, queue_wait_s=max(0.0, started - last_in),
+                        compute_s=compute_s, batch=batch, finished_at=time.time()))
+        any_in = next(iter(it.tensors.values()))
+        deadlines = [t.deadline for t in it.tensors.values() if t.deadline is not None]
+        headers = {"request_id": it.request_id}
+        if any_in.reply_to:
+            headers["reply_to"] = any_in.reply_to
+        bodies = []
+        for spec in hp.outputs:
+            body = encode(TensorMessage(
+                request_id=it.request_id, deployment=hp.deployment, tensor=spec.name, array=out[spec.name],
+                produced_by=hp.name, server=self.id, deadline=min(deadlines) if deadlines else None,
+                reply_to=any_in.reply_to, hops=hops, site=self.site))
+            if len(body) > self.settings.max_message_bytes:
+                raise MessageError(f"output {spec.name} is {len(body)} bytes, over the limit of "
+                                   f"{self.settings.max_message_bytes}", "output_too_large", it.request_id)
+            bodies.append((spec, body))
+            if self.monitor.is_device and self.links.enabled:  # radio time: the receiver is unknown here, so the
+                slowest = self.links.slowest_from(self.site)     # narrowest link from this site stands for it
+                if slowest is not None:
+                    self.monitor.add_radio(slowest.wire_s(out[spec.name].nbytes))
+        confirms = []
+        for spec, body in bodies:
+            # A final output may have no listener (front end down): don't bounce it; an inner one must route.
+            confirms.append(self.publish_soon("tensors", self.names.tensor_key(hp.deployment, spec.name), body,
+                                              headers=headers, mandatory=not spec.final or bool(spec.consumers)))
+
+        def done(ok: bool) -> None:
+            if ok:
+                hp.mark_done(it.request_id)
+                self.stats["processed"] += 1
+            self.spawn(self._settle_extras(it, requeue=True, ok=ok), name="settle_extras")
+
+        self.ack_when_confirmed(it.messages, confirms, on_done=done)
+
+    # ------------------------------------------------------------------ stop
+    async def on_stop(self) -> None:
+        """Consumers are cancelled: hand back what can't finish here (partial joins, queued work)."""
+        partial = 0
+        for hp in list(self.parts.values()):
+            partial += await self._hand_back(hp)
+        queued, self._ready = list(self._ready), collections.deque()
+        for it in queued:
+            await self._settle_extras(it, requeue=True)
+            for m in it.messages:
+                await self.nack(m, requeue=True)
+        self.log("handed_back", queued_requests=len(queued), partial_joins=partial, running=self._busy)
+
+    async def _hand_back(self, hp: HostedPart) -> int:
+        n = len(hp.pending)
+        for pend in list(hp.pending.values()):
+            if pend.timer:
+                pend.timer.cancel()
+            for m in pend.messages.values():
+                await self.nack(m, requeue=True)
+        hp.pending.clear()
+        return n
+
+
+# ---------------------------------------------------------------------- worker-thread functions (TF)
+
+def _configure_tf(settings: Settings) -> None:
+    from splitinfer import _tf  # noqa: F401
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):  # already initialised: keep what is set
+        tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+
+
+def _load_and_warm(directory: Path, entry, max_batch: int):
+    """Load the part (safe_mode, sha256-checked), then trace it so the first request doesn't pay for it."""
+    from splitinfer.splitter.build import CompiledPart, random_inputs
+
+    part = CompiledPart.from_entry(directory, entry)
+    part(random_inputs(entry.inputs, 1, 0))
+    if max_batch > 1:  # a second batch size makes reduce_retracing generalise the batch dimension once
+        part(random_inputs(entry.inputs, 2, 0))
+        part(random_inputs(entry.inputs, 3, 0))
+    return part
+
+
+def _run_batch(compiled, requests: list[dict[str, TensorMessage]]) -> tuple[list[dict[str, np.ndarray]], float]:
+    """Run requests as one batch (concatenated on axis 0) and split the outputs back; compute seconds."""
+    t0 = time.perf_counter()
+    if len(requests) == 1:
+        out = compiled({n: t.array for n, t in requests[0].items()})
+        return [out], time.perf_counter() - t0
+    sizes = [next(iter(r.values())).array.shape[0] if next(iter(r.values())).array.ndim else 0 for r in requests]
+    same_tail = all(
+        all(r[n].array.ndim >= 1 and r[n].array.shape[1:] == requests[0][n].array.shape[1:] for n in requests[0])
+        for r in requests)
+    if same_tail and all(s > 0 for s in sizes):
+        joined = {n: np.concatenate([r[n].array for r in requests], axis=0) for n in requests[0]}
+        out = compiled(joined)
+        total = sum(sizes)
+        if all(v.ndim >= 1 and v.shape[0] == total for v in out.values()):
+            bounds = np.cumsum(sizes)[:-1]
+            split = {n: np.split(v, bounds, axis=0) for n, v in out.items()}
+            return [{n: split[n][i] for n in out} for i in range(len(requests))], time.perf_counter() - t0
+    outs = [compiled({n: t.array for n, t in r.items()}) for r in requests]
+    return outs, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- process entry point
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m splitinfer.actors.model_server", description=__doc__.splitlines()[0])
+    ap.add_argument("--id", "--server-id", dest="id", required=True)
+    ap.add_argument("--site", default="")
+    ap.add_argument("--capacity", type=float, default=1.0)
+    ap.add_argument("--deployment", default=None)
+    ap.add_argument("--split-dir", type=Path, default=None)
+    ap.add_argument("--part", action="append", default=[], help="NAME or NAME@REPLICA/REPLICAS; repeat or use ','")
+    ap.add_argument("--slowdown", type=float, default=None, help="emulate a slower device (default settings.slowdown)")
+    ap.add_argument("--battery", action=argparse.BooleanOptionalAction, default=None,
+                    help="report a battery level (default: only at site 'device')")
+    ap.add_argument("--power", default=None, help="COMPUTE_W,RADIO_W,IDLE_W of the simulated battery")
+    args = ap.parse_args(argv)
+    power = None
+    if args.power:
+        from splitinfer.messages import PowerSpec
+
+        try:
+            cw, rw, iw = (float(x) for x in args.power.split(","))
+        except ValueError:
+            ap.error("--power takes COMPUTE_W,RADIO_W,IDLE_W")
+        power = PowerSpec(compute_w=cw, radio_w=rw, idle_w=iw)
+    parts = [parse_part_spec(s) for spec in args.part for s in spec.split(",") if s.strip()]
+    if parts and args.split_dir is None and not args.deployment:
+        ap.error("--part without --split-dir needs --deployment (the parts come from the model pool)")
+    run_actor(ModelServer(args.id, site=args.site, capacity=args.capacity, split_dir=args.split_dir,
+                          deployment=args.deployment, parts=parts, slowdown=args.slowdown, battery=args.battery,
+                          power=power))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Every exchange, queue and routing key of a namespace, and the helpers that declare them.
+
+Names (ns = settings.namespace):
+- `<ns>.tensors`   topic exchange, a tensor published once with key `<deployment>.<tensor>` (both escaped)
+- `<ns>.part.<dep>.<part>`       x-consistent-hash exchange (hash-header request_id), bound to `<ns>.tensors`
+                                 with each input key of the part (exchange-to-exchange)
+- `<ns>.part.<dep>.<part>.r<k>`  replica k's queue, bound to the part exchange with weight "1",
+                                 x-single-active-consumer, dead-lettered to `<ns>.dead`
+- `<ns>.results`   topic exchange, final results/errors, key = job id / reply_to
+- `<ns>.jobs`      queue of InferenceJobs
+- `<ns>.control`   topic exchange: `register.<actor>`, `heartbeat.<actor>`, `deregister.<actor>`, `load.<server>`,
+                   `unload.<server>`, `registry.query`, `pool.request`, `pool.upload`, `error.<actor>`
+- `<ns>.dead`      fanout exchange + queue: every work queue's x-dead-letter-exchange
+- `<ns>.registry`, `<ns>.pool`   the registry's and the model pool's control queues
+
+Tensor names contain ':' '/' '@' and may contain '.', which is the topic separator: every key segment goes through
+`escape_key` ('%' -> %25, '.' -> %2E, '*' -> %2A, '#' -> %23), so a key always has exactly two segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+HASH_EXCHANGE_TYPE = "x-consistent-hash"
+_ESCAPES = (("%", "%25"), (".", "%2E"), ("*", "%2A"), ("#", "%23"))
+
+
+def escape_key(segment: str) -> str:
+    """One topic-key segment: no '.', '*', '#' left (reversible with unescape_key)."""
+    for raw, esc in _ESCAPES:
+        segment = segment.replace(raw, esc)
+    return segment
+
+
+def unescape_key(segment: str) -> str:
+    for raw, esc in reversed(_ESCAPES):
+        segment = segment.replace(esc, raw)
+    return segment
+
+
+@dataclass(frozen=True)
+class Names:
+    """All names of one namespace."""
+
+    ns: str
+
+    @property
+    def tensors(self) -> str:
+        return f"{self.ns}.tensors"
+
+    @property
+    def results(self) -> str:
+        return f"{self.ns}.results"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.ns}.jobs"
+
+    @property
+    def control(self) -> str:
+        return f"{self.ns}.control"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.ns}.dead"
+
+    @property
+    def registry_queue(self) -> str:
+        return f"{self.ns}.registry"
+
+    @property
+    def pool_queue(self) -> str:
+        return f"{self.ns}.pool"
+
+    def tensor_key(self, deployment: str, tensor: str) -> str:
+        return f"{escape_key(deployment)}.{escape_key(tensor)}"
+
+    @staticmethod
+    def result_key(job_or_reply_to: str) -> str:
+        """Routing key on `<ns>.results` for a job id / reply_to (escaped: one segment)."""
+        return escape_key(job_or_reply_to)
+
+    def part_exchange(self, deployment: str, part: str) -> str:
+        return f"{self.ns}.part.{escape_key(deployment)}.{escape_key(part)}"
+
+    def replica_queue(self, deployment: str, part: str, replica: int) -> str:
+        return f"{self.part_exchange(deployment, part)}.r{replica}"
+
+    # control-plane routing keys
+    @staticmethod
+    def register_key(actor_id: str) -> str:
+        return f"register.{escape_key(actor_id)}"
+
+    @staticmethod
+    def heartbeat_key(actor_id: str) -> str:
+        return f"heartbeat.{escape_key(actor_id)}"
+
+    @staticmethod
+    def deregister_key(actor_id: str) -> str:
+        return f"deregister.{escape_key(actor_id)}"
+
+    @staticmethod
+    def load_key(server_id: str) -> str:
+        return f"load.{escape_key(server_id)}"
+
+    @staticmethod
+    def unload_key(server_id: str) -> str:
+        return f"unload.{escape_key(server_id)}"
+
+    @staticmethod
+    def error_key(actor_id: str) -> str:
+        return f"error.{escape_key(actor_id)}"
+
+    REGISTRY_QUERY = "registry.query"
+    POOL_REQUEST = "pool.request"
+    POOL_UPLOAD = "pool.upload"
+    # sites, link emulation and monitors (issue 5)
+    LINKS_SET = "links.set"            # SetLinks, followed by every actor that receives tensors
+    LINK_STATE = "state.link"          # LinkReport from a network monitor to the state pool
+    STATE_QUERY = "state_pool.query"   # GetState -> ClusterState (RPC)
+
+    @staticmethod
+    def probe_key(actor_id: str) -> str:
+        return f"probe.{escape_key(actor_id)}"
+
+    @property
+    def state_pool_queue(self) -> str:
+        return f"{self.ns}.state_pool"
+
+
+def queue_arguments(names: Names, *, single_active: bool = False, expires_s: float | None = None,
+                    dead_letter: bool = True) -> dict:
+    args: dict = {}
+    if dead_letter:
+        args["x-dead-letter-exchange"] = names.dead
+    if single_active:
+        args["x-single-active-consumer"] = True
+    if expires_s:
+        args["x-expires"] = int(expires_s * 1000)
+    return args
+
+
+async def declare_core(channel: AbstractChannel, names: Names, *, expires_s: float | None = None
+                       ) -> dict[str, AbstractExchange]:
+    """The namespace's exchanges, the dead-letter queue and the jobs queue (idempotent)."""
+    ex = {
+        "tensors": await channel.declare_exchange(names.tensors, aio_pika.ExchangeType.TOPIC, durable=True),
+        "results": await channel.declare_exchange(names.results, aio_pika.ExchangeType.TOPIC, durable=True),
+        "control": await channel.declare_exchange(names.control, aio_pika.ExchangeType.TOPIC, durable=True),
+        "dead": await channel.declare_exchange(names.dead, aio_pika.ExchangeType.FANOUT, durable=True),
+    }
+    dlq = await channel.declare_queue(names.dead, durable=True,
+                                      arguments=queue_arguments(names, expires_s=expires_s, dead_letter=False))
+    await dlq.bind(ex["dead"], routing_key="")
+    await channel.declare_queue(names.jobs, durable=True, arguments=queue_arguments(names, expires_s=expires_s))
+    return ex
+
+
+async def declare_part(channel: AbstractChannel, names: Names, deployment: str, part: str,
+                       input_tensors: Iterable[str], replicas: int, *, expires_s: float | None = None
+                       ) -> list[AbstractQueue]:
+    """The part's consistent-hash exchange bound to its input keys, and one SAC queue per replica (idempotent).
+
+    Every server hosting a replica of the part declares all `replicas` queues, so the hash ring is the same
+    whoever comes first; all servers of a part must agree on `replicas`."""
+    tensors = await channel.get_exchange(names.tensors, ensure=False)
+    part_ex = await channel.declare_exchange(
+        names.part_exchange(deployment, part), HASH_EXCHANGE_TYPE, durable=True,
+        arguments={"hash-header": "request_id"})
+    for t in input_tensors:
+        await part_ex.bind(tensors, routing_key=names.tensor_key(deployment, t))
+    queues = []
+    for k in range(replicas):
+        q = await channel.declare_queue(
+            names.replica_queue(deployment, part, k), durable=True,
+            arguments=queue_arguments(names, single_active=True, expires_s=expires_s))
+        await q.bind(part_ex, routing_key="1")
+        queues.append(q)
+    return queues
+
+
+async def declare_control_queue(channel: AbstractChannel, names: Names, queue: str, keys: Iterable[str], *,
+                                expires_s: float | None = None) -> AbstractQueue:
+    """A shared (non-exclusive) queue bound to `<ns>.control` with keys; dead-lettered like every work queue."""
+    control = await channel.get_exchange(names.control, ensure=False)
+    q = await channel.declare_queue(queue, durable=True, arguments=queue_arguments(names, expires_s=expires_s))
+    for key in keys:
+        await q.bind(control, routing_key=key)
+    return q
+
+
+async def delete_namespace_part(channel: AbstractChannel, names: Names, deployment: str, part: str,
+                                replicas: int) -> None:
+    """Remove a part's queues and exchange (used by undeploy/cleanup)."""
+    for k in range(replicas):
+        await channel.queue_delete(names.replica_queue(deployment, part, k))
+    await channel.exchange_delete(names.part_exchange(deployment, part))
+
+
+def _local_broker_names(prefix: str) -> dict[str, list[str]] | None:
+    """Exchanges and queues whose name starts with `prefix.`, listed by the local rabbitmqctl (None: no listing;
+    AMQP itself cannot list)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("rabbitmqctl") is None:
+        return None
+    names: dict[str, list[str]] = {}
+    for kind in ("exchanges", "queues"):
+        try:
+            out = subprocess.run(["rabbitmqctl", "-q", f"list_{kind}", "name"], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode != 0:
+            return None
+        names[kind] = [n.strip() for n in out.stdout.splitlines() if n.strip().startswith(prefix + ".")]
+    return names
+
+
+async def delete_namespace(broker_url: str, prefix: str) -> int:
+    """Delete every exchange and queue of a scratch namespace (a test run, a benchmark, the demo): queues expire by
+    themselves, exchanges never do. Needs the broker's rabbitmqctl on this machine; otherwise deletes nothing.
+    Returns how many were deleted. Never raises: cleanup must not fail the run it follows."""
+    import asyncio
+    import contextlib
+
+    names = await asyncio.to_thread(_local_broker_names, prefix)
+    if not names or not any(names.values()):
+        return 0
+    deleted = 0
+    with contextlib.suppress(Exception):
+        conn = await aio_pika.connect(broker_url, timeout=10)
+        async with conn:
+            for kind, delete in (("queues", "queue_delete"), ("exchanges", "exchange_delete")):
+                for name in names[kind]:
+                    channel = await conn.channel()  # a failed delete closes its channel
+                    with contextlib.suppress(Exception):
+                        await getattr(channel, delete)(name)
+                        deleted += 1
+    return deleted

@@ -1,0 +1,396 @@
+"""The runtime as a user runs it: `splitinfer up` (a real supervisor process) starts registry, model pool, result
+store, front end and three model servers on the real broker, in a namespace of this test module; the Client deploys
+a 3-part MobileNetV3Small split onto them and sends jobs through the jobs queue and the real front end.
+
+(1) 24 jobs (Client and plain publish_job), all within 1e-5 of the local model, each answered exactly once on the
+    results exchange and stored once in the result store, visible through `splitinfer results`.
+(2) a job past its deadline, an unknown deployment, wrong shape, wrong dtype, wrong input name and undecodable
+    bytes each get one clear error result (and are dead-lettered); the front end keeps serving.
+(3) `splitinfer infer`, `status`, `results` against the cluster; CLI errors are one line with a non-zero exit.
+(4) kill -9 the front end with 8 jobs in flight: the supervisor restarts it and every job gets its correct result
+    (the broker redelivers the unacked jobs; the new front end runs them under fresh request ids).
+(5) kill -9 the only server of a part: the supervisor restarts it and orders it to load that part again; jobs sent
+    meanwhile wait in the part's queue and all complete correctly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+aio_pika = pytest.importorskip("aio_pika")
+psutil = pytest.importorskip("psutil")
+
+from splitinfer.actors.result_store import ResultStore  # noqa: E402
+from splitinfer.actors.topology import Names  # noqa: E402
+from splitinfer.client import Client, publish_job, subscribe_results  # noqa: E402
+from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
+from splitinfer.settings import Settings  # noqa: E402
+
+PY = sys.executable
+MODEL = "keras.applications:MobileNetV3Small"
+INPUT = "input_layer:0"
+TOL = 1e-5
+
+
+def _broker_up() -> bool:
+    from splitinfer.actors.supervisor import broker_answers
+
+    return broker_answers(Settings().broker_url, timeout=3)
+
+
+pytestmark = pytest.mark.skipif(not _broker_up(), reason="no RabbitMQ at the configured broker URL")
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "splitinfer.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**(env or os.environ), "COLUMNS": "200"})
+
+
+def cli_many(commands: list[tuple[str, ...]], env: dict | None = None, parallel: int = 3,
+             timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Run independent CLI commands a few at a time (each process pays the package's import time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda args: cli(*args, env=env, timeout=timeout), commands))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+
+# Where `splitinfer split MobileNetV3Small --parts 3` cuts (balanced by FLOPs); fixed here so the fixture skips the
+# FLOP profiling and builds the split in-process (tensor names are stable across processes).
+CUTS = [["expanded_conv_3_squeeze_excite_mul:0"], ["expanded_conv_8_expand:0"]]
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory) -> Path:
+    from splitinfer.splitter import ModelGraph, load_source_model, save_split, split_at_cuts
+
+    out = tmp_path_factory.mktemp("e2e_split") / "small3"
+    graph = ModelGraph(load_source_model(MODEL))
+    save_split(graph, split_at_cuts(graph, CUTS), out, origin=MODEL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(small_split):
+    """The unsplit model, compiled, as the judge of every distributed answer."""
+    from splitinfer import _tf  # noqa: F401
+    import keras
+    import tensorflow as tf
+
+    model = keras.saving.load_model(small_split / "source.keras", safe_mode=True, compile=False)
+    fn = tf.function(lambda x: model(x, training=False))
+    return lambda x: np.asarray(fn(x))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, run_prefix):
+    root = tmp_path_factory.mktemp("cluster")
+    ns = f"{run_prefix}.e2e{uuid.uuid4().hex[:6]}"
+    store_url = f"sqlite:///{root / 'results.db'}"
+    env = {
+        **os.environ,
+        "SPLITINFER_NAMESPACE": ns,
+        "SPLITINFER_CACHE_DIR": str(root / "cache"),
+        "SPLITINFER_RESULT_STORE_URL": store_url,
+        "SPLITINFER_QUEUE_EXPIRES_S": "600",
+    }
+    cfg = root / "cluster.toml"
+    cfg.write_text(
+        '[[servers]]\nid = "phone"\nsite = "device"\n\n'
+        '[[servers]]\nid = "edgebox"\nsite = "edge"\n\n'
+        '[[servers]]\nid = "cloud"\nsite = "cloud"\n'
+    )
+    log_path = root / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen([PY, "-m", "splitinfer.cli", "up", "--config", str(cfg)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    settings = Settings(namespace=ns, cache_dir=root / "cache", result_store_url=store_url, queue_expires_s=600)
+    info = SimpleNamespace(ns=ns, env=env, settings=settings, up=up, root=root, store_url=store_url, log=log_path)
+    yield info
+    children = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
+    up.send_signal(signal.SIGTERM)
+    try:
+        rc = up.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    for p in alive:
+        p.kill()
+    text = log_path.read_text(errors="replace")
+    assert rc == 0, text[-2000:]
+    assert not alive, f"actor processes left running after the supervisor stopped: {alive}"
+    assert "all stopped" in text
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, small_split):
+    async def go():
+        async with Client(cluster.settings) as c:
+            return await c.deploy(small_split, min_servers=3, timeout=300)
+
+    dep = asyncio.run(go())
+    assert sorted(s for servers in dep.placement.values() for s in servers) == ["cloud", "edgebox", "phone"]
+    return dep
+
+
+def _inputs(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0, 1, size=(1, 224, 224, 3)).astype(np.float32) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+
+def test_jobs_are_correct_answered_once_and_stored(cluster, deployed, reference):
+    n_client, n_plain = 20, 4
+    xs = _inputs(n_client + n_plain, seed=1)
+
+    async def go():
+        seen: list = []
+        ready = asyncio.Event()
+
+        async def listen():
+            async for msg in subscribe_results("#", cluster.settings, ready=ready):
+                seen.append(msg)
+
+        listener = asyncio.create_task(listen())
+        await asyncio.wait_for(ready.wait(), 30)
+        async with Client(cluster.settings) as c:
+            sem = asyncio.Semaphore(6)
+
+            async def one(x):
+                async with sem:
+                    return await c.infer(deployed.deployment, x, deadline_s=60)
+
+            results = await asyncio.gather(*(one(x) for x in xs[:n_client]))
+            # plain helper: a job published without the Client; its answer goes to key = job id
+            plain_ids = [await publish_job(InferenceJob(deployment=deployed.deployment, inputs={INPUT: x},
+                                                        deadline_s=60), cluster.settings)
+                         for x in xs[n_client:]]
+            end = time.monotonic() + 60
+            while time.monotonic() < end and len({m.job_id for m in seen}) < n_client + n_plain:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # a duplicate answer, if any, would arrive now
+        listener.cancel()
+        return results, plain_ids, seen
+
+    results, plain_ids, seen = asyncio.run(go())
+    by_job = collections.Counter(m.job_id for m in seen)
+    ids = [r.job_id for r in results] + plain_ids
+    assert len(set(ids)) == len(ids)
+    assert all(by_job[j] == 1 for j in ids), {j: by_job[j] for j in ids if by_job[j] != 1}
+    answers = {m.job_id: m for m in seen}
+    for x, job_id in zip(xs, ids):
+        msg = answers[job_id]
+        assert isinstance(msg, ResultMessage), msg
+        got = msg.outputs["predictions:0"]
+        err = float(np.max(np.abs(got.astype(np.float64) - reference(x).astype(np.float64))))
+        assert err <= TOL, (job_id, err)
+    # per-hop timings say where the time went: the job's trip, three parts on three servers, the hand-back
+    r0 = results[0]
+    assert r0.hops[0].part == "job" and r0.hops[-1].part == "result"
+    parts = [(h.part, h.server) for h in r0.hops if h.part.startswith("part")]
+    assert [p for p, _ in parts] == ["part0", "part1", "part2"]
+    assert len({s for _, s in parts}) == 3
+    assert all(h.compute_s > 0 for h in r0.hops if h.part.startswith("part"))
+    assert r0.latency_s and r0.latency_s > sum(h.compute_s for h in r0.hops)
+
+    # the result store kept each job once (it acks after the commit: poll briefly)
+    with ResultStore(cluster.store_url) as db:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            rows = [r for r in db.query(cluster.ns) if r.job_id in set(ids)]
+            if len(rows) >= len(ids):
+                break
+            time.sleep(0.2)
+        counts = collections.Counter(r.job_id for r in rows)
+        assert all(counts[j] == 1 for j in ids), counts
+        assert all(r.kind == "result" and r.deployment == deployed.deployment for r in rows)
+        assert rows[0].outputs == {"predictions:0": {"shape": [1, 1000], "dtype": "<f4"}}
+
+    proc = cli("results", "--namespace", cluster.ns, "--store", cluster.store_url, "--limit", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert {r["job_id"] for r in listed} >= set(ids)
+    proc = cli("results", "--namespace", cluster.ns, "--store", cluster.store_url, "--job", ids[0])
+    assert proc.returncode == 0 and ids[0] in proc.stdout and "part0@" in proc.stdout, proc.stdout
+
+
+def test_bad_jobs_get_clear_errors_and_the_front_end_keeps_serving(cluster, deployed, reference):
+    x = _inputs(1, seed=2)[0]
+
+    async def go():
+        async with Client(cluster.settings) as c:
+            async def answer(fut):
+                return await c.wait(fut, timeout=60)
+
+            out = {
+                "late": await answer(await c.submit(deployed.deployment, x, deadline_s=0.001)),
+                "unknown": await answer(await c.submit("no-such-deployment", {INPUT: x})),
+                "shape": await answer(await c.submit(deployed.deployment, x[:, :100])),
+                "dtype": await answer(await c.submit(deployed.deployment, x.astype(np.float64))),
+                "name": await answer(await c.submit(deployed.deployment, {"bogus:0": x})),
+                "bytes": await answer(await c.submit_job(b"\xc1 not msgpack", job_id="raw-" + uuid.uuid4().hex)),
+            }
+            good = await c.infer(deployed.deployment, x, deadline_s=60)
+            # the same job id twice: one answer
+            twice = InferenceJob(deployment=deployed.deployment, inputs={INPUT: x}, deadline_s=60, reply_to=c.id)
+            await c.submit_job(twice)
+            dup = await answer(await c.submit_job(twice))
+            dead = (await c.queue_depths([Names(cluster.ns).dead]))[Names(cluster.ns).dead]
+            return out, good, dead, dup
+
+    out, good, dead, dup = asyncio.run(go())
+    assert isinstance(dup, ResultMessage)
+    expect = {"late": ("deadline_exceeded", "deadline"), "unknown": ("unknown_deployment", "no-such-deployment"),
+              "shape": ("wrong_shape", "(1, 100, 224, 3)"), "dtype": ("wrong_dtype", "float64"),
+              "name": ("bad_inputs", "bogus:0"), "bytes": ("bad_message", "msgpack")}
+    for key, (code, needle) in expect.items():
+        err = out[key]
+        assert isinstance(err, ErrorResult), (key, err)
+        assert err.code == code and needle in err.message, (key, err)
+        assert err.where == "front_end"
+    # the front end still serves, correctly
+    assert float(np.max(np.abs(good.outputs["predictions:0"] - reference(x)))) <= TOL
+    # the five malformed jobs went to the dead-letter queue (the late one was answered and acked)
+    assert dead is not None and dead >= 5
+    with ResultStore(cluster.store_url) as db:
+        time.sleep(1.5)
+        stored = {r.job_id: r for r in db.query(cluster.ns, kind="error")}
+        assert len(db.query(cluster.ns, job_id=dup.job_id)) == 1
+    assert all(out[k].job_id in stored for k in out)
+
+
+def test_cli_infer_status_results_and_one_line_errors(cluster, deployed, reference, small_split, tmp_path):
+    x = _inputs(1, seed=3)[0]
+    np.save(tmp_path / "x.npy", x)
+    env = cluster.env
+    dep = deployed.deployment
+    (tmp_path / "bad.npy").write_bytes(b"not an npy file")
+    (tmp_path / "bad.toml").write_text('[[servers]]\nid = "a"\n[[servers]]\nid = "a"\n')
+    np.save(tmp_path / "small.npy", x[:, :50])
+    ok = [
+        ("deploy", str(small_split), "--json"),  # again: idempotent, same round-robin placement
+        ("infer", "--deployment", dep, "--input", str(tmp_path / "x.npy"), "--json"),
+        ("infer", "--deployment", dep, "--input", str(tmp_path / "x.npy")),
+        ("status", "--json"),
+        ("status",),
+        ("results", "--limit", "3"),
+    ]
+    # user errors: one line on stderr, non-zero exit, no traceback
+    bad = [
+        (("infer", "--deployment", "nope", "--input", str(tmp_path / "x.npy")), "no deployment 'nope'"),
+        (("infer", "--deployment", dep, "--input", str(tmp_path / "missing.npy")), "input file not found"),
+        (("infer", "--deployment", dep, "--input", str(tmp_path / "bad.npy")), "cannot read"),
+        (("infer", "--deployment", dep, "--input", str(tmp_path / "small.npy")), "wrong_shape"),
+        (("deploy", str(tmp_path / "nowhere")), "not a split directory"),
+        (("deploy", str(small_split), "--placement", "part0"), "--placement item"),
+        (("deploy", str(small_split), "--replicas", "4"), "4 replicas per part need 4 live servers; 3 are live"),
+        (("deploy", str(small_split), "--placement", "part0=phone,part1=edgebox,part2=gone"), "not live"),
+        (("results", "--kind", "bogus"), "--kind"),
+        (("results", "--store", "postgresql://db/x"), "not supported"),
+        (("up", "--config", str(tmp_path / "missing.toml")), "not found"),
+        (("up", "--config", str(tmp_path / "bad.toml")), "appears twice"),
+        (("status", "--namespace", f"{cluster.ns}.empty"), "registry did not answer"),
+        (("status", "--broker-url", "amqp://guest:guest@localhost:1/"), "no broker answers at amqp://localhost:1/"),
+    ]
+    # every CLI process pays the package's import time: run them side by side
+    procs = cli_many(ok + [c for c, _ in bad], env=env, parallel=4)
+    deploy_json, infer_json, infer_table, status_json, status_table, results_table = procs[:len(ok)]
+    for (args, needle), proc in zip(bad, procs[len(ok):]):
+        assert_one_line_error(proc, needle)
+
+    assert deploy_json.returncode == 0, deploy_json.stderr
+    assert json.loads(deploy_json.stdout)["placement"] == deployed.placement
+    assert infer_json.returncode == 0, infer_json.stderr
+    report = json.loads(infer_json.stdout)
+    got = np.asarray(report["outputs"]["predictions:0"]["values"], dtype=np.float32)
+    assert float(np.max(np.abs(got - reference(x)))) <= TOL
+    assert [h["part"] for h in report["hops"]] == ["job", "part0", "part1", "part2", "result"]
+    assert infer_table.returncode == 0, infer_table.stderr
+    assert "compute ms" in infer_table.stdout and "predictions:0" in infer_table.stdout, infer_table.stdout
+
+    assert status_json.returncode == 0, status_json.stderr
+    st = json.loads(status_json.stdout)
+    servers = {a["actor_id"]: a for a in st["actors"] if a["kind"] == "model_server"}
+    assert set(servers) == {"phone", "edgebox", "cloud"} and all(a["alive"] for a in servers.values())
+    assert {a["kind"] for a in st["actors"]} >= {"registry", "model_pool", "front_end", "result_store"}
+    assert set(st["deployments"][dep]) == {"part0", "part1", "part2"}
+    assert Names(cluster.ns).jobs in st["queues"]
+    assert status_table.returncode == 0, status_table.stderr
+    assert "edgebox" in status_table.stdout and "queue depths" in status_table.stdout, status_table.stdout
+    assert results_table.returncode == 0 and "result" in results_table.stdout, results_table.stdout
+
+
+def test_kill_9_of_the_front_end_with_jobs_in_flight_loses_none_and_the_supervisor_restarts_it(
+        cluster, deployed, reference):
+    def front_ends():
+        return [p for p in psutil.Process(cluster.up.pid).children(recursive=True)
+                if "splitinfer.actors.front_end" in " ".join(p.cmdline())]
+
+    [victim] = front_ends()
+    xs = _inputs(8, seed=4)
+
+    async def go():
+        async with Client(cluster.settings) as c:
+            futs = [await c.submit(deployed.deployment, x, deadline_s=90) for x in xs]
+            victim.send_signal(signal.SIGKILL)  # some jobs are queued, some in the front end's hands
+            return await asyncio.gather(*(c.wait(f, timeout=150) for f in futs))
+
+    answers = asyncio.run(go())
+    victim.wait(10)
+    assert not victim.is_running()
+    restarted = [p for p in front_ends() if p.pid != victim.pid]
+    assert restarted, "the supervisor did not restart the front end"
+    text = cluster.log.read_text()
+    assert "front_end" in text and "restarting in" in text
+    for x, a in zip(xs, answers):
+        assert isinstance(a, ResultMessage), a
+        assert float(np.max(np.abs(a.outputs["predictions:0"] - reference(x)))) <= TOL
+
+
+def test_kill_9_of_a_model_server_restarts_it_with_its_part_and_queued_jobs_complete(cluster, deployed, reference):
+    [server] = deployed.placement["part1"]
+    [victim] = [p for p in psutil.Process(cluster.up.pid).children(recursive=True)
+                if "splitinfer.actors.model_server" in " ".join(p.cmdline()) and f"--id {server} " in
+                " ".join(p.cmdline()) + " "]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    xs = _inputs(4, seed=5)
+
+    async def go():
+        async with Client(cluster.settings) as c:
+            futs = [await c.submit(deployed.deployment, x, deadline_s=120) for x in xs]
+            return await asyncio.gather(*(c.wait(f, timeout=150) for f in futs))
+
+    answers = asyncio.run(go())
+    for x, a in zip(xs, answers):
+        assert isinstance(a, ResultMessage), a
+        assert float(np.max(np.abs(a.outputs["predictions:0"] - reference(x)))) <= TOL
+        assert any(h.part == "part1" and h.server == server for h in a.hops)
+    text = cluster.log.read_text()
+    assert f"server:{server}: reloaded part1@r0/1 after the restart" in text, text[-2000:]

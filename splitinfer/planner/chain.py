@@ -1,0 +1,325 @@
+"""Exact dynamic programming over the valid cut points (the graph as a chain of segments).
+
+A chain plan gives each segment between consecutive cut points a server; consecutive segments on one server form
+one part. A server may host several parts (the device can run the first and the last), and its memory limit
+applies to the weights of all of them. At a cut whose tensor crosses servers the planner may send it compressed
+(float16 or int8) when a fidelity figure for that choice is given.
+
+Latency, device energy and fidelity are all additive (log-additive for fidelity) along the chain, because on a
+chain everything runs one after the other, so device idle time = latency - device compute - device radio >= 0 and
+energy = (compute_w - idle_w) x compute + (radio_w - idle_w) x radio + idle_w x latency. The DP therefore keeps,
+for every (segment, server), the Pareto set of labels over (latency, energy, fidelity, weights placed on each
+memory-limited server); a label is dropped only when another one is no worse in every one of these. This is
+exact: minimum latency, minimum energy under a latency budget, and the whole Pareto front over (latency, energy,
+fidelity) come from the final labels. Dimensions a request does not need (energy for a latency objective,
+fidelity without compression options) are held constant so the label sets stay small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from splitinfer.planner.costmodel import CostModel
+from splitinfer.planner.model import CODEC_FACTOR, Cluster, CostGraph, PlanError
+from splitinfer.planner.plan import Plan, make_plan
+
+Compression = Mapping[str, Mapping[str, float]]  # tensor -> {codec: fidelity in (0, 1]}
+
+
+@dataclass(slots=True)
+class _Label:
+    latency: float
+    energy: float
+    fidelity: float
+    memory: tuple
+    parent: _Label | None
+    server: int
+    codec: str | None  # codec used for the tensor arriving at this segment
+
+
+def _pareto(labels: list[_Label]) -> list[_Label]:
+    """Labels no other label beats on latency, energy, fidelity and every tracked memory (ties: one kept)."""
+    if len(labels) < 2:
+        return labels
+    labels.sort(key=lambda l: (l.latency, l.energy, -l.fidelity, l.memory))
+    rest = [(l.energy, -l.fidelity, *l.memory) for l in labels]  # all "smaller is better"; latency is sorted
+    varying = [i for i, col in enumerate(zip(*rest)) if min(col) != max(col)]
+    if len(varying) <= 1:  # latency and at most one other criterion: a staircase, O(n log n)
+        if not varying:
+            return labels[:1]
+        i = varying[0]
+        kept, best = [], math.inf
+        for lab, r in zip(labels, rest):
+            if r[i] < best:
+                kept.append(lab)
+                best = r[i]
+        return kept
+    kept, kept_rest = [], []
+    for lab, r in zip(labels, rest):
+        r = tuple(r[i] for i in varying)
+        # every kept label is no slower (sorted), so it dominates when no worse in every other criterion
+        if not any(all(a <= b for a, b in zip(k, r)) for k in kept_rest):
+            kept.append(lab)
+            kept_rest.append(r)
+    return kept
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.2f} MB"
+
+
+def chain_labels(
+    graph: CostGraph,
+    cluster: Cluster,
+    *,
+    energy: bool = True,
+    compression: Compression | None = None,
+    max_latency: float | None = None,
+    min_fidelity: float | None = None,
+    exclude: Sequence[str] = (),
+    cm: CostModel | None = None,
+):
+    """Run the DP; returns (segments, final labels) where each final label includes the hop back to the client."""
+    cm = cm or CostModel(graph, cluster, exclude)
+    segs = graph.segments()
+    m, S = len(segs), len(cm.servers)
+    seg_cost = [sum(graph.nodes[n].cost for n in nodes) for nodes, _ in segs]
+    seg_params = [sum(graph.nodes[n].param_bytes for n in nodes) for nodes, _ in segs]
+    total_params = sum(seg_params)
+    # only a server that cannot take every weight of the model needs its memory tracked
+    limited = [s for s in range(S) if cm.servers[s].memory is not None and cm.servers[s].memory < total_params]
+    slot = {s: i for i, s in enumerate(limited)}
+    cap = [cm.servers[s].memory for s in limited]
+    biggest = max((math.inf if s.memory is None else s.memory) for s in cm.servers)
+    for k, p in enumerate(seg_params):
+        if p > biggest:
+            where = f"before cut {segs[k][1]}" if segs[k][1] else "after the last cut"
+            raise PlanError(
+                f"no server can hold the operations {where} ({segs[k][0][0]}..{segs[k][0][-1]}): "
+                f"{_mb(p)} of weights, largest memory {_mb(biggest)}"
+            )
+    power = cm.power if energy else None
+    wc = (power.compute_w - power.idle_w) if power else 0.0
+    wr = (power.radio_w - power.idle_w) if power else 0.0
+    wi = power.idle_w if power else 0.0
+    comp = [[cm.compute(seg_cost[k], s) for s in range(S)] for k in range(m)]
+    in_sizes = [graph.tensors[t].nbytes for t in graph.inputs]
+    out_sizes = [graph.tensors[t].nbytes for t in graph.outputs if graph.tensors[t].producer is not None]
+    budget = math.inf if max_latency is None else max_latency
+    min_fid = 0.0 if min_fidelity is None else min_fidelity
+    single = not limited and power is None and not compression  # labels reduce to one number: plain DP
+
+    # suffix[k]: weights of segments k.. still to place. A label remembers, per memory-limited server, the weights
+    # placed there, raised to at least cap - suffix[k + 1]: while at least that much room is left every future
+    # fits, so labels that differ only below that level are equivalent (keeps label sets small when memory
+    # does not bind; still exact)
+    suffix = [0] * (m + 1)
+    for k in range(m - 1, -1, -1):
+        suffix[k] = suffix[k + 1] + seg_params[k]
+
+    def prune(labels: list[_Label], k: int) -> list[_Label]:
+        if not labels:
+            return labels
+        if limited:
+            floor = suffix[k + 1]
+            for lab in labels:
+                lab.memory = tuple(max(v, c - floor) for v, c in zip(lab.memory, cap))
+        if single:
+            return [min(labels, key=lambda l: l.latency)]
+        return _pareto(labels)
+
+    def step(dl: float, dc: float, dr: float) -> float:
+        return wc * dc + wr * dr + wi * dl
+
+    zero_mem = tuple(0 for _ in limited)
+    layer: list[list[_Label]] = [[] for _ in range(S)]
+    for s in range(S):
+        mem = zero_mem
+        if s in slot:
+            if seg_params[0] > cap[slot[s]]:
+                continue
+            i = slot[s]
+            mem = mem[:i] + (seg_params[0],) + mem[i + 1 :]
+        hop = cm.hop(cm.client, s, in_sizes)
+        if hop == math.inf:
+            continue
+        dl = hop + comp[0][s]
+        dr = cm.radio(cm.client, s, sum(in_sizes))
+        dc = comp[0][s] if s == cm.client else 0.0
+        if dl <= budget:
+            layer[s] = prune([_Label(dl, step(dl, dc, dr), 1.0, mem, None, s, None)], 0)
+    client = cm.client
+    for k in range(1, m):
+        t = segs[k - 1][1]
+        info = graph.tensors[t]
+        options: list[tuple[str | None, float, float]] = [(None, float(info.nbytes), 1.0)]
+        if compression and info.compressible:
+            for codec, fid in (compression.get(t) or {}).items():
+                if codec not in CODEC_FACTOR:
+                    raise PlanError(f"unknown codec {codec!r} for tensor {t!r}")
+                options.append((codec, info.nbytes * CODEC_FACTOR[codec], float(fid)))
+        # per option and server pair: (latency added by the hop, energy added by the hop)
+        moves = [
+            [
+                [
+                    (h, step(h, 0.0, cm.radio(a, b, nb)))
+                    for b in range(S)
+                    for h in [cm.hop(a, b, [nb]) if a != b and cm.reach[a][b] else math.inf]
+                ]
+                for a in range(S)
+            ]
+            for _, nb, _ in options
+        ]
+        ck = comp[k]
+        run = [(ck[b], step(ck[b], ck[b] if b == client else 0.0, 0.0)) for b in range(S)]
+        nb_params = seg_params[k]
+        nxt: list[list[_Label]] = [[] for _ in range(S)]
+        for s in range(S):
+            for lab in layer[s]:
+                for s2 in range(S):
+                    mem = lab.memory
+                    if s2 in slot:
+                        i = slot[s2]
+                        v = mem[i] + nb_params
+                        if v > cap[i]:
+                            continue
+                        mem = mem[:i] + (v,) + mem[i + 1 :]
+                    dl_run, de_run = run[s2]
+                    if s2 == s:
+                        if lab.latency + dl_run <= budget:
+                            nxt[s2].append(
+                                _Label(lab.latency + dl_run, lab.energy + de_run, lab.fidelity, mem, lab, s2, None)
+                            )
+                        continue
+                    for o, (codec, _, fid) in enumerate(options):
+                        h, de = moves[o][s][s2]
+                        L = lab.latency + h + dl_run
+                        if L > budget:
+                            continue
+                        f = lab.fidelity * fid
+                        if f < min_fid:
+                            continue
+                        nxt[s2].append(_Label(L, lab.energy + de + de_run, f, mem, lab, s2, codec))
+        layer = [prune(labs, k) for labs in nxt]
+    final: list[_Label] = []
+    for s in range(S):
+        hop = cm.hop(s, cm.client, out_sizes)
+        if hop == math.inf:
+            continue
+        dr = cm.radio(s, cm.client, sum(out_sizes))
+        for lab in layer[s]:
+            if lab.latency + hop <= budget and lab.fidelity >= min_fid:
+                final.append(
+                    _Label(lab.latency + hop, lab.energy + step(hop, 0.0, dr), lab.fidelity, lab.memory, lab, s, None)
+                )
+    return segs, cm, _pareto(final)
+
+
+def _to_plan(graph, cluster, segs, cm: CostModel, final: _Label, compression: Compression | None, source: str) -> Plan:
+    path: list[_Label] = []
+    lab = final.parent  # the final label only adds the hop back to the client
+    while lab is not None:
+        path.append(lab)
+        lab = lab.parent
+    path.reverse()
+    parts: list[tuple[str, list[str]]] = []
+    codecs: dict[str, str] = {}
+    for k, lab in enumerate(path):
+        nodes = segs[k][0]
+        name = cm.names[lab.server]
+        if lab.codec:
+            codecs[segs[k - 1][1]] = lab.codec
+        if parts and parts[-1][0] == name:
+            parts[-1][1].extend(nodes)
+        else:
+            parts.append((name, list(nodes)))
+    return make_plan(graph, cluster, parts, codecs, compression, source=source, cm=cm)
+
+
+def _why_empty(graph, cluster, compression, max_latency, min_fidelity, exclude) -> PlanError:
+    """Explain why no chain plan exists: SLA, fidelity, or memory/links."""
+    _, _, free = chain_labels(graph, cluster, energy=False, compression=compression, exclude=exclude)
+    if not free:
+        return PlanError(
+            "no placement fits: the servers' memory limits or missing links rule out every plan "
+            f"(total weights {_mb(sum(n.param_bytes for n in graph.nodes.values()))})"
+        )
+    if min_fidelity is not None:
+        best_f = max(l.fidelity for l in free)
+        if best_f < min_fidelity:
+            return PlanError(f"no plan reaches fidelity {min_fidelity:g}: best achievable is {best_f:g}")
+        _, _, ok = chain_labels(
+            graph, cluster, energy=False, compression=compression, min_fidelity=min_fidelity, exclude=exclude
+        )
+        best = min(l.latency for l in ok)
+        return PlanError(
+            f"latency budget {max_latency * 1e3:.3g} ms is unreachable: best achievable is {best * 1e3:.3g} ms "
+            f"at fidelity >= {min_fidelity:g}"
+        )
+    best = min(l.latency for l in free)
+    return PlanError(f"latency budget {max_latency * 1e3:.3g} ms is unreachable: best achievable is {best * 1e3:.3g} ms")
+
+
+def plan_chain(
+    graph: CostGraph,
+    cluster: Cluster,
+    objective: str = "latency",
+    *,
+    max_latency: float | None = None,
+    min_fidelity: float | None = None,
+    compression: Compression | None = None,
+    exclude: Sequence[str] = (),
+) -> Plan:
+    """The exact best chain plan: objective "latency" (minimise end-to-end latency) or "energy" (minimise device
+    energy, within max_latency when given). Ties go to the lower energy resp. latency."""
+    if objective not in ("latency", "energy"):
+        raise PlanError(f"chain objective must be 'latency' or 'energy', not {objective!r}")
+    segs, cm, final = chain_labels(
+        graph,
+        cluster,
+        energy=True,
+        compression=compression,
+        max_latency=max_latency,
+        min_fidelity=min_fidelity,
+        exclude=exclude,
+    ) if objective == "energy" else chain_labels(
+        graph,
+        cluster,
+        energy=False,
+        compression=compression,
+        max_latency=max_latency,
+        min_fidelity=min_fidelity,
+        exclude=exclude,
+    )
+    if not final:
+        raise _why_empty(graph, cluster, compression, max_latency, min_fidelity, exclude)
+    key = (lambda l: (l.energy, l.latency)) if objective == "energy" else (lambda l: (l.latency, l.energy))
+    best = min(final, key=key)
+    return _to_plan(graph, cluster, segs, cm, best, compression, f"chain-dp/{objective}")
+
+
+def chain_pareto(
+    graph: CostGraph,
+    cluster: Cluster,
+    *,
+    compression: Compression | None = None,
+    max_latency: float | None = None,
+    exclude: Sequence[str] = (),
+) -> list[Plan]:
+    """Every chain plan on the Pareto front of (latency, device energy, fidelity), fastest first."""
+    segs, cm, final = chain_labels(
+        graph, cluster, energy=True, compression=compression, max_latency=max_latency, exclude=exclude
+    )
+    if not final:
+        raise _why_empty(graph, cluster, compression, max_latency, None, exclude)
+    front: dict[tuple, _Label] = {}
+    for lab in final:  # final labels also differ by memory use; keep one per objective point
+        front.setdefault((lab.latency, lab.energy, lab.fidelity), lab)
+    pts = list(front.values())
+    pts = [a for a in pts if not any(
+        b is not a and b.latency <= a.latency and b.energy <= a.energy and b.fidelity >= a.fidelity
+        and (b.latency, b.energy, b.fidelity) != (a.latency, a.energy, a.fidelity) for b in pts)]
+    pts.sort(key=lambda l: (l.latency, l.energy))
+    return [_to_plan(graph, cluster, segs, cm, lab, compression, "chain-dp/pareto") for lab in pts]

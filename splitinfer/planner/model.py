@@ -1,0 +1,266 @@
+"""Planner inputs: the cost graph of a model and the cluster it runs on. Plain data, no TF, no broker.
+
+Units: times in seconds, sizes in bytes, bandwidth in bytes/s. A node's `cost` is FLOPs when the graph's
+`unit` is "flops" (servers' `speed` is then GFLOP/s) or seconds on the profiling machine when the unit is
+"seconds" (servers' `speed` is then a factor relative to that machine: 2.0 runs twice as fast).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PlanError(ValueError):
+    """A planning request that cannot be satisfied; the message says why in one line."""
+
+
+# bytes factor of a tensor sent compressed (int8 carries one float32 scale per tensor: negligible)
+CODEC_FACTOR: dict[str, float] = {"float16": 0.5, "int8": 0.25}
+
+
+# --------------------------------------------------------------------------------------------- cost graph
+
+
+@dataclass(frozen=True)
+class CostNode:
+    name: str
+    cost: float  # FLOPs, or reference seconds (see CostGraph.unit)
+    inputs: tuple[str, ...] = ()  # tensor names consumed
+    outputs: tuple[str, ...] = ()  # tensor names produced
+    param_bytes: int = 0  # weights this node needs resident on the server that runs it
+
+
+@dataclass
+class CostTensor:
+    name: str
+    nbytes: int
+    producer: str | None  # None: a model input, resident on the client at time 0
+    consumers: list[str] = field(default_factory=list)
+    is_output: bool = False  # a final output, delivered to the client
+    compressible: bool = True  # a float tensor that may be sent as float16/int8
+
+
+class CostGraph:
+    """Operations in topological order, tensors with bytes, model inputs (at the client) and outputs (to the client)."""
+
+    def __init__(
+        self,
+        nodes: Sequence[CostNode],
+        tensor_bytes: Mapping[str, int],
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        unit: Literal["flops", "seconds"] = "flops",
+        incompressible: Iterable[str] = (),
+        name: str = "model",
+    ):
+        if unit not in ("flops", "seconds"):
+            raise PlanError(f"unit must be 'flops' or 'seconds', not {unit!r}")
+        self.name = name
+        self.unit = unit
+        self.nodes: dict[str, CostNode] = {}
+        self.tensors: dict[str, CostTensor] = {}
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        no_codec = set(incompressible)
+
+        def tensor(t: str, producer: str | None) -> CostTensor:
+            if t not in tensor_bytes:
+                raise PlanError(f"tensor {t!r} has no byte size")
+            if t in self.tensors:
+                raise PlanError(f"tensor {t!r} is produced twice")
+            info = CostTensor(t, int(tensor_bytes[t]), producer, compressible=t not in no_codec)
+            self.tensors[t] = info
+            return info
+
+        for t in self.inputs:
+            tensor(t, None)
+        for node in nodes:
+            if node.name in self.nodes:
+                raise PlanError(f"operation {node.name!r} appears twice")
+            if node.cost < 0 or not math.isfinite(node.cost):
+                raise PlanError(f"operation {node.name!r} has cost {node.cost}")
+            for t in dict.fromkeys(node.inputs):
+                if t not in self.tensors:
+                    raise PlanError(f"operation {node.name!r} reads {t!r} before anything produces it")
+                self.tensors[t].consumers.append(node.name)
+            self.nodes[node.name] = node
+            for t in node.outputs:
+                tensor(t, node.name)
+        for t in self.outputs:
+            if t not in self.tensors:
+                raise PlanError(f"model output {t!r} is not a tensor of the graph")
+            self.tensors[t].is_output = True
+        if not self.nodes:
+            raise PlanError("the cost graph has no operations")
+
+    # -- structure ------------------------------------------------------------------------------------
+
+    @cached_property
+    def order(self) -> list[str]:
+        return list(self.nodes)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.order)}
+
+    @cached_property
+    def ancestor_masks(self) -> list[int]:
+        """Bit i of entry j is set when node i is node j or one of its ancestors."""
+        masks: list[int] = []
+        for name in self.order:
+            m = 1 << self.index[name]
+            for t in dict.fromkeys(self.nodes[name].inputs):
+                p = self.tensors[t].producer
+                if p is not None:
+                    m |= masks[self.index[p]]
+            masks.append(m)
+        return masks
+
+    def mask_of(self, names: Iterable[str]) -> int:
+        m = 0
+        for n in names:
+            m |= 1 << self.index[n]
+        return m
+
+    def names_in(self, mask: int) -> list[str]:
+        return [n for i, n in enumerate(self.order) if mask >> i & 1]
+
+    @cached_property
+    def cut_points(self) -> list[str]:
+        """Tensors that are, alone, all that passes from the part before them to the part after.
+
+        The part before a cut at t is t's producer with all its ancestors; it must hold every consumer of every
+        model input and produce no model output, t must be the only tensor it sends onward, and the rest must
+        still have an operation. (The splitter's ModelGraph.cut_points also allows a cut with an early model
+        output before it; the chain planner does not, so every output leaves from the last part.)
+        """
+        full = (1 << len(self.order)) - 1
+        input_consumers = self.mask_of(c for t in self.inputs for c in self.tensors[t].consumers)
+        output_producers = self.mask_of(
+            self.tensors[t].producer for t in self.outputs if self.tensors[t].producer is not None
+        )
+        points = []
+        for name in self.order:
+            prefix = self.ancestor_masks[self.index[name]]
+            if prefix == full or input_consumers & ~prefix or output_producers & prefix:
+                continue
+            crossing = []
+            for n in self.names_in(prefix):
+                for t in self.nodes[n].outputs:
+                    if any(not prefix >> self.index[c] & 1 for c in self.tensors[t].consumers):
+                        crossing.append(t)
+                        if len(crossing) > 1:
+                            break
+                if len(crossing) > 1:
+                    break
+            if len(crossing) == 1 and crossing[0] in self.nodes[name].outputs:
+                points.append(crossing[0])
+        return points
+
+    def segments(self) -> list[tuple[list[str], str | None]]:
+        """The graph cut at every cut point: (operations, the tensor leaving them or None for the last)."""
+        segs, done = [], 0
+        for t in self.cut_points:
+            prefix = self.ancestor_masks[self.index[self.tensors[t].producer]]
+            segs.append((self.names_in(prefix & ~done), t))
+            done = prefix
+        full = (1 << len(self.order)) - 1
+        segs.append((self.names_in(full & ~done), None))
+        return segs
+
+    @property
+    def total_cost(self) -> float:
+        return sum(n.cost for n in self.nodes.values())
+
+    def __repr__(self) -> str:
+        return f"CostGraph({self.name!r}, {len(self.nodes)} operations, {len(self.tensors)} tensors, unit={self.unit})"
+
+
+# --------------------------------------------------------------------------------------------- cluster
+
+
+class PowerProfile(BaseModel):
+    """Power draw of a battery device, watts."""
+
+    model_config = ConfigDict(frozen=True)
+    compute_w: float = Field(ge=0)
+    radio_w: float = Field(ge=0)
+    idle_w: float = Field(ge=0)
+
+
+class Server(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    site: str
+    # GFLOP/s for a graph in FLOPs; a factor relative to the profiling machine for a graph in reference seconds
+    speed: float = Field(gt=0)
+    # fraction of the server's compute already taken by other work, 0 <= load < 1: effective speed x (1 - load)
+    load: float = Field(default=0.0, ge=0, lt=1)
+    memory: int | None = Field(default=None, ge=0)  # bytes available for weights; None: unlimited
+    power: PowerProfile | None = None  # set on a battery device
+
+
+class Link(BaseModel):
+    """A symmetric link between two sites. A link from a site to itself overrides the default (0 s, unlimited)."""
+
+    model_config = ConfigDict(frozen=True)
+    a: str
+    b: str
+    rtt: float = Field(ge=0)  # seconds
+    bandwidth: float = Field(gt=0)  # bytes/s
+
+
+class BrokerOverhead(BaseModel):
+    """Cost of one RabbitMQ hop of one tensor message (publish with confirm, consume, decode), measured here."""
+
+    model_config = ConfigDict(frozen=True)
+    per_message: float = Field(default=0.7e-3, ge=0)  # seconds
+    per_byte: float = Field(default=2.5e-3 / 1e6, ge=0)  # seconds per byte (2.5 ms per MB)
+
+
+class Cluster(BaseModel):
+    servers: list[Server]
+    links: list[Link] = []
+    client: str  # the device that holds the inputs and receives the outputs; it may run parts too
+    broker: BrokerOverhead = BrokerOverhead()
+
+    def server(self, name: str) -> Server:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise PlanError(f"unknown server {name!r} (known: {', '.join(s.name for s in self.servers)})")
+
+    def link(self, site_a: str, site_b: str) -> tuple[float, float] | None:
+        """(rtt, bandwidth) between two sites; (0, inf) within a site unless configured; None when unconnected."""
+        for link in self.links:
+            if {link.a, link.b} == {site_a, site_b}:
+                return link.rtt, link.bandwidth
+        if site_a == site_b:
+            return 0.0, math.inf
+        return None
+
+    def check(self) -> None:
+        """Raise PlanError for an inconsistent cluster."""
+        names = [s.name for s in self.servers]
+        if not names:
+            raise PlanError("the cluster has no servers")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise PlanError(f"server name {sorted(dup)[0]!r} is used twice")
+        self.server(self.client)
+        # a link to a site without servers is harmless (a site empties when its servers are excluded)
+
+    def without(self, names: Iterable[str]) -> Cluster:
+        """The cluster with some servers removed (the client cannot be removed)."""
+        gone = set(names)
+        for n in gone:
+            self.server(n)
+        if self.client in gone:
+            raise PlanError(f"the client {self.client!r} cannot be removed")
+        return self.model_copy(update={"servers": [s for s in self.servers if s.name not in gone]})

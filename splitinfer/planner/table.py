@@ -1,0 +1,154 @@
+"""The plan table of a deployed model and the per-request choice among its plans."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from splitinfer.planner.chain import Compression, chain_pareto
+from splitinfer.planner.milp import plan_dag
+from splitinfer.planner.model import Cluster, CostGraph, PlanError
+from splitinfer.planner.plan import Plan
+
+
+def _dominates(a: Plan, b: Plan) -> bool:
+    no_worse = a.latency <= b.latency and a.energy <= b.energy and a.fidelity >= b.fidelity
+    better = a.latency < b.latency or a.energy < b.energy or a.fidelity > b.fidelity
+    return no_worse and better
+
+
+def pareto(plans: Iterable[Plan]) -> list[Plan]:
+    """Plans no other plan beats on (latency, device energy, fidelity); one per distinct point, fastest first."""
+    plans = list(plans)
+    seen: dict[tuple, Plan] = {}
+    for p in sorted(plans, key=lambda p: (p.latency, p.energy, -p.fidelity, len(p.parts))):
+        if not any(_dominates(q, p) for q in plans):
+            seen.setdefault((p.latency, p.energy, p.fidelity), p)
+    return list(seen.values())
+
+
+@dataclass
+class PlanTable:
+    model: str
+    client: str
+    servers: list[str]
+    plans: list[Plan] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def get(self, plan_id: str) -> Plan:
+        for p in self.plans:
+            if p.id == plan_id:
+                return p
+        raise PlanError(f"unknown plan {plan_id!r} (table has {', '.join(p.id for p in self.plans)})")
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "client": self.client, "servers": self.servers,
+                "plans": [p.to_json() for p in self.plans]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> PlanTable:
+        return cls(data["model"], data["client"], list(data["servers"]), [Plan.from_json(p) for p in data["plans"]])
+
+
+def build_plan_table(
+    graph: CostGraph,
+    cluster: Cluster,
+    *,
+    compression: Compression | None = None,
+    fallbacks: bool = True,
+    dag: bool = True,
+    milp_max_nodes: int = 8,
+    time_limit: float = 5.0,
+) -> PlanTable:
+    """Candidates: the chain DP's whole Pareto front (every cut-point plan worth having, compression included),
+    plus the integer program's latency-, energy- and throughput-optimal DAG plans (coarsened to milp_max_nodes
+    blocks when bigger). Kept: the Pareto set over (latency, device energy, fidelity); with `fallbacks`, also
+    every plan that is Pareto-optimal when one server (not the client) is down, marked in `fallback_for`."""
+    cluster.check()
+    candidates: list[Plan] = list(chain_pareto(graph, cluster, compression=compression))
+    if dag:
+        objectives = ["latency", "throughput"] + (["energy"] if cluster.server(cluster.client).power else [])
+        for obj in objectives:
+            try:
+                candidates.append(plan_dag(graph, cluster, obj, max_nodes=milp_max_nodes, time_limit=time_limit))
+            except PlanError:
+                pass
+    # A server no Pareto-optimal plan uses leaves the Pareto set unchanged when it goes down, so only the servers
+    # the front actually uses need a fallback search.
+    used = {s for p in pareto(candidates) for s in p.servers}
+    others = [s.name for s in cluster.servers if s.name != cluster.client and s.name in used]
+    if fallbacks:
+        for down in others:
+            try:
+                candidates += chain_pareto(graph, cluster, compression=compression, exclude=[down])
+            except PlanError:
+                continue
+    unique: dict[tuple, Plan] = {}
+    for p in candidates:
+        unique.setdefault(p.key(), p)
+    candidates = list(unique.values())
+    base = pareto(candidates)
+    kept: dict[tuple, Plan] = {p.key(): p for p in base}
+    if fallbacks:
+        for down in others:
+            for p in pareto(c for c in candidates if down not in c.servers):
+                if p.key() not in {b.key() for b in base}:
+                    kept.setdefault(p.key(), p)
+                    if down not in kept[p.key()].fallback_for:
+                        kept[p.key()].fallback_for.append(down)
+    plans = sorted(kept.values(), key=lambda p: (p.latency, p.energy, -p.fidelity))
+    for i, p in enumerate(plans):
+        p.id = f"p{i}"
+    return PlanTable(graph.name, cluster.client, [s.name for s in cluster.servers], plans)
+
+
+def choose_plan(
+    table: PlanTable,
+    max_latency: float | None = None,
+    battery_level: float | None = None,
+    min_fidelity: float | None = None,
+    down_servers: Iterable[str] = (),
+    *,
+    low_battery: float = 0.3,
+) -> Plan:
+    """Pick the plan for one request.
+
+    Policy: drop plans that use a down server, then plans below min_fidelity, then plans slower than max_latency
+    (seconds). With battery_level (0..1) below low_battery, take the plan with the least device energy (ties: the
+    faster); otherwise the fastest plan (ties: the least energy). Raises PlanError naming the constraint that
+    nothing meets and the best value on offer.
+    """
+    down = set(down_servers)
+    unknown = sorted(down - set(table.servers))
+    if unknown:
+        raise PlanError(f"unknown server {unknown[0]!r} (known: {', '.join(table.servers)})")
+    if battery_level is not None and not 0.0 <= battery_level <= 1.0:
+        raise PlanError(f"battery_level must be between 0 and 1, not {battery_level}")
+    if not table.plans:
+        raise PlanError(f"the plan table of {table.model} is empty")
+    live = [p for p in table.plans if not (p.servers & down)]
+    if not live:
+        raise PlanError(f"every plan of {table.model} uses a down server ({', '.join(sorted(down))})")
+    if min_fidelity is not None:
+        ok = [p for p in live if p.fidelity >= min_fidelity]
+        if not ok:
+            best = max(live, key=lambda p: p.fidelity)
+            raise PlanError(f"no plan reaches fidelity {min_fidelity:g}: best available is {best.fidelity:g} ({best.id})")
+        live = ok
+    if max_latency is not None:
+        ok = [p for p in live if p.latency <= max_latency]
+        if not ok:
+            best = min(live, key=lambda p: p.latency)
+            raise PlanError(
+                f"latency budget {max_latency * 1e3:.3g} ms is unreachable: best achievable is "
+                f"{best.latency * 1e3:.3g} ms ({best.id}: {best.describe()})"
+            )
+        live = ok
+    if battery_level is not None and battery_level < low_battery:
+        return min(live, key=lambda p: (p.energy, p.latency))
+    return min(live, key=lambda p: (p.latency, p.energy))

@@ -8,6 +8,9 @@ Arrays travel as msgpack ext type `NDARRAY_EXT` whose payload is
 ``u8 len(dtype) | dtype str (numpy .str, e.g. "<f4") | u8 ndim | ndim x u64 little-endian dims | raw C-order bytes``
 and decode with `np.frombuffer` straight on the ext payload (no extra copy; the arrays are read-only).
 
+A tensor may travel compressed (`TensorMessage.codec`): float16, or int8 with a per-tensor `scale`;
+`compress_array` / `decompress_array` convert, and a receiver restores the manifest dtype before checking it.
+
 Checks on every decode: total size <= max_bytes, nesting depth <= MAX_DEPTH, dtype in the allow-list,
 ndim <= MAX_NDIM, prod(shape) x itemsize == number of bytes, schema version, message type, and the pydantic
 model of that type (extra fields forbidden). No pickle, no eval, no object dtypes.
@@ -113,6 +116,77 @@ def unpack_array(payload: bytes) -> np.ndarray:
     return np.frombuffer(payload, dtype=dtype, count=count, offset=off).reshape(shape)
 
 
+# --------------------------------------------------------------------------------------------------- codecs
+
+CODECS: tuple[str, ...] = ("float16", "int8")
+_CODEC_DTYPE = {"float16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+
+
+def _float_dtype(dtype: Any, what: str) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise MessageError(f"{what} {dtype!r} is not a numpy dtype", "bad_codec") from None
+    if dt.kind != "f":
+        raise MessageError(f"{what} {dt.name} is not a float dtype", "bad_codec")
+    return dt
+
+
+def _check_codec(codec: Any) -> str:
+    if not isinstance(codec, str) or codec not in _CODEC_DTYPE:
+        raise MessageError(f"unknown codec {codec!r}, expected one of {', '.join(CODECS)}", "bad_codec")
+    return codec
+
+
+def compress_array(arr: np.ndarray, codec: str) -> tuple[np.ndarray, float | None]:
+    """A float array in the codec's dtype, and the int8 scale (None for float16).
+
+    float16: a cast (values beyond +-65504 become inf). int8: symmetric per-tensor quantisation,
+    scale = max|arr| / 127 (1.0 for an all-zero tensor), q = clip(round(arr / scale), -127, 127); the error of
+    each element is at most scale / 2. Refuses (MessageError "bad_codec") an unknown codec, a non-float array
+    and, for int8, NaN or infinite values.
+    """
+    _check_codec(codec)
+    if not isinstance(arr, np.ndarray):
+        raise MessageError(f"expected a numpy array, got {type(arr).__name__}", "bad_codec")
+    _float_dtype(arr.dtype, "array dtype")
+    if codec == "float16":
+        with np.errstate(over="ignore"):  # documented above: no RuntimeWarning per message on a server
+            return arr.astype(np.float16), None
+    if arr.size and not np.isfinite(arr).all():
+        raise MessageError("int8 codec: the array has NaN or infinite values", "bad_codec")
+    peak = float(np.max(np.abs(arr))) if arr.size else 0.0
+    scale = peak / 127.0
+    if not scale > 0.0:  # all zeros (or so tiny that peak / 127 underflows: every value rounds to 0)
+        scale = 1.0
+    work = np.result_type(arr.dtype, np.float32)  # float16 inputs are divided in float32
+    q = np.clip(np.rint(arr.astype(work, copy=False) / work.type(scale)), -127, 127)
+    return np.asarray(q).astype(np.int8), scale  # (numpy gives a scalar, not a 0-d array, for a 0-d input)
+
+
+def decompress_array(arr: np.ndarray, codec: str, scale: float | None, dtype: Any) -> np.ndarray:
+    """Undo `compress_array`: the array back in `dtype` (the original float dtype, e.g. "float32" or "<f4").
+
+    Refuses (MessageError "bad_codec") an unknown codec, an array not in the codec's dtype (float16 / int8),
+    a non-float target dtype, and for int8 a missing, non-finite or non-positive scale.
+    """
+    _check_codec(codec)
+    if not isinstance(arr, np.ndarray):
+        raise MessageError(f"expected a numpy array, got {type(arr).__name__}", "bad_codec")
+    want = _float_dtype(dtype, "target dtype")
+    if arr.dtype != _CODEC_DTYPE[codec]:
+        raise MessageError(f"{codec} codec: array has dtype {arr.dtype.name}, expected {codec}", "bad_codec")
+    if codec == "float16":
+        return arr.astype(want)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise MessageError(f"int8 codec needs a numeric scale, got {scale!r}", "bad_codec")
+    scale = float(scale)
+    if not np.isfinite(scale) or scale <= 0.0:
+        raise MessageError(f"int8 codec: scale {scale!r} is not a finite positive number", "bad_codec")
+    work = np.result_type(want, np.float32)  # a float16 target is scaled in float32, then cast
+    return np.asarray(arr.astype(work) * work.type(scale)).astype(want, copy=False)
+
+
 # --------------------------------------------------------------------------------------------------- messages
 
 class Message(BaseModel):
@@ -170,6 +244,10 @@ class TensorMessage(Message):
     reply_to: str | None = None
     hops: list[Hop] = Field(default_factory=list)
     site: str = ""                 # producer's site: link emulation delays a tensor that crosses sites
+    # Sent compressed (compress_array): `array` is in the codec's dtype (float16 / int8, with `scale` for int8);
+    # a receiver calls decompress_array(array, codec, scale, manifest dtype) before check_tensor.
+    codec: Literal["float16", "int8"] | None = None
+    scale: float | None = None
 
 
 class ResultMessage(Message):
@@ -180,6 +258,8 @@ class ResultMessage(Message):
     hops: list[Hop] = Field(default_factory=list)
     latency_s: float | None = None
     served_by: list[str] = Field(default_factory=list)
+    plan: str | None = None             # the plan that ran, when `deployment` is a model with a plan table
+    plan_deployment: str | None = None  # the deployment of that plan (`<deployment>:<plan>`)
 
 
 class ErrorResult(Message):
@@ -190,6 +270,7 @@ class ErrorResult(Message):
     message: str
     where: str = ""
     at: float = Field(default_factory=time.time)
+    plan: str | None = None
 
 
 class PartRef(BaseModel):
@@ -217,6 +298,8 @@ class ServerState(BaseModel):
     battery_source: str | None = None    # "sensor" (psutil) or "simulated" (energy model)
     energy_j: float | None = None        # energy the device spent since start (simulated battery)
     compute_s: float = 0.0               # compute seconds since start (slowdown included)
+    power: "PowerSpec | None" = None     # a battery device's power figures (the planner's device energy model)
+    memory_limit_mb: float | None = None  # weights this server may hold (the planner's memory limit); None: any
 
 
 class Register(Message):
@@ -266,12 +349,38 @@ class UnloadPart(Message):
     part: Id
 
 
-class Deploy(Message):
-    """A deploy request for the optimizer/deployer: a deployment in the pool and where its parts go."""
+class DeployModel(Message):
+    """A deploy request for the optimizer (control key `optimizer.deploy`, RPC): profile, plan, split, store the
+    plans' parts in the model pool, have the servers load them; the answer is a Reply whose data holds the plan
+    table. `model` is `keras.applications:NAME` or `pool:<sha256>` (a .keras file uploaded to the pool's sources)."""
 
-    TYPE: ClassVar[str] = "deploy"
+    TYPE: ClassVar[str] = "deploy_model"
+    name: Id = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    model: Id
+    input_shape: list[int] | None = None
+    objective: Literal["latency", "energy", "throughput"] = "latency"
+    sla_s: float | None = Field(None, gt=0)        # every plan must be predicted to meet it
+    servers: list[Id] = Field(default_factory=list)  # only these (each must be registered and alive); []: all live
+    client_site: str | None = None                 # where jobs' inputs start; default: the front end's site
+    compression: bool = False                      # let the planner send cut tensors as float16 / int8
+    max_plans: int = Field(6, ge=1, le=32)
+
+
+class PlanTableMessage(Message):
+    """A model deployment's plan table (JSON of planner.table.PlanTable plus its cost graph), stored in the model
+    pool as `<name>/plans.json` and pushed on control key `plans.<name>` whenever the optimizer re-predicts it."""
+
+    TYPE: ClassVar[str] = "plan_table"
+    name: Id
+    table: str = Field(max_length=16 * 1024 * 1024)
+    at: float = Field(default_factory=time.time)
+
+
+class DeleteDeployment(Message):
+    """Model pool (key `pool.upload`, RPC): forget a deployment or a model's plan table and its plans' files."""
+
+    TYPE: ClassVar[str] = "delete_deployment"
     deployment: Id
-    placement: dict[str, list[str]] = Field(default_factory=dict)  # part -> server ids (one per replica)
 
 
 class WhoHosts(Message):
@@ -360,6 +469,9 @@ class PowerSpec(BaseModel):
     idle_w: float = Field(0.3, ge=0)
 
 
+ServerState.model_rebuild()
+
+
 class SetLinks(Message):
     """Change the emulated link table at run time (control key `links.set`, every actor that receives tensors
     follows it): a benchmark sweeps bandwidth without restarting actors. `replace` drops links not listed;
@@ -435,7 +547,7 @@ class ClusterState(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (InferenceJob, TensorMessage, ResultMessage, ErrorResult, Register, Heartbeat, Deregister, LoadPart,
-                UnloadPart, Deploy, WhoHosts, Hosts, PoolManifest, PartChunk, PartRequest, ListDeployments, Reply)
+                UnloadPart, DeployModel, PlanTableMessage, DeleteDeployment, WhoHosts, Hosts, PoolManifest, PartChunk, PartRequest, ListDeployments, Reply)
 }
 
 MESSAGE_TYPES.update({cls.TYPE: cls for cls in (SetLinks, Probe, ProbeReply, LinkReport, GetState, ClusterState)})
@@ -561,9 +673,10 @@ def check_tensor(arr: np.ndarray, shape: list[int | None] | tuple, dtype: str, n
 __all__ = [
     "ClusterState", "GetState", "LinkReport", "LinkSpec", "LinkState", "PowerSpec", "Probe", "ProbeReply",
     "SetLinks",
-    "ALLOWED_DTYPES", "ActorInfo", "AnyMessage", "Deploy", "Deregister", "ErrorResult", "Heartbeat", "Hop", "Hosts",
+    "CODECS", "compress_array", "decompress_array",
+    "ALLOWED_DTYPES", "ActorInfo", "AnyMessage", "DeleteDeployment", "DeployModel", "Deregister", "ErrorResult", "Heartbeat", "Hop", "Hosts",
     "InferenceJob", "ListDeployments", "LoadPart", "MAX_DEPTH", "MAX_NDIM", "MESSAGE_TYPES", "Message", "MessageError",
-    "NDArray", "PartChunk", "PartRef", "PartRequest", "PoolManifest", "Register", "Reply", "Requirements",
+    "NDArray", "PartChunk", "PartRef", "PartRequest", "PlanTableMessage", "PoolManifest", "Register", "Reply", "Requirements",
     "ResultMessage", "SCHEMA_VERSION", "ServerState", "TensorMessage", "UnloadPart", "WhoHosts", "check_tensor",
     "decode", "encode", "pack_array", "unpack_array",
 ]

@@ -12,6 +12,7 @@ _LAZY = {
     "Calibration": "calibration", "calibrate": "calibration", "load_or_calibrate": "calibration",
     "predict_latency": "calibration", "predict_part_latency": "calibration", "speed_factor": "calibration",
     "node_flops": "flops", "whole_model_profiler_flops": "flops",
+    "CompressionProfile": "fidelity", "measure_compression": "fidelity",
     "MachineInfo": "machine", "apply_threads": "machine", "machine_info": "machine",
     "CostFit": "profile", "CutProfile": "profile", "ModelProfile": "profile", "OpProfile": "profile",
     "SegmentProfile": "profile", "Totals": "profile", "build_profile": "profile", "measure_parts": "profile",
@@ -29,8 +30,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Calibration", "CostFit", "CutProfile", "MachineInfo", "ModelProfile", "OpProfile", "SegmentProfile",
+    "Calibration", "CompressionProfile", "CostFit", "CutProfile", "MachineInfo", "ModelProfile", "OpProfile",
+    "SegmentProfile",
     "Totals", "apply_threads", "build_profile", "calibrate", "load_or_calibrate", "machine_info", "measure_parts",
-    "node_flops",
+    "measure_compression", "node_flops",
     "predict_latency", "predict_part_latency", "profile_model", "speed_factor", "whole_model_profiler_flops",
 ]

@@ -22,6 +22,8 @@ class TensorSpec(BaseModel):
 class PartOutput(TensorSpec):
     consumers: list[str] = Field(default_factory=list, description="parts that take this tensor as input")
     final: bool = Field(False, description="a final output of the model")
+    codec: str | None = Field(
+        None, description="sent compressed with this codec (messages.CODECS); the receiver restores the dtype")
 
 
 class PartEntry(BaseModel):

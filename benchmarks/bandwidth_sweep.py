@@ -131,7 +131,7 @@ async def run(args, console: Console) -> dict:
 
     from splitinfer.actors.supervisor import ClusterConfig
     from splitinfer.cli.runtime_cmds import ClusterRun
-    from splitinfer.client import Client
+    from splitinfer.actors.client import Client
     from splitinfer.monitor import profile_model
     from splitinfer.planner import BrokerOverhead, cost_graph_from, plan_chain
     from splitinfer.settings import get_settings

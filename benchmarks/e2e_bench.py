@@ -35,7 +35,7 @@ from splitinfer.cli.runtime_cmds import (
     measure_local,
     percentile,
 )
-from splitinfer.client import Client
+from splitinfer.actors.client import Client
 from splitinfer.settings import get_settings
 
 LATENCY_TARGET = 1.3

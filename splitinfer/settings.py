@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     probe_interval_s: float = Field(default=10.0, ge=0)      # network monitor: one round of probes this often; 0: off
     probe_bytes: int = Field(default=256 * 1024, ge=1024)    # the large probe; the small one is empty
     probe_rounds: int = Field(default=3, ge=1)               # probes of each size per measurement (median)
+    memory_limit_mb: float | None = Field(default=None, gt=0)  # a model server: weights it may hold (planner)
+
+    # --- optimizer (issue 5: actors/optimizer.py, planner/optimize.py)
+    # One RabbitMQ hop of a tensor as the planner charges it (DESIGN.md: about 0.7 ms + 2.5 ms per MB here).
+    broker_per_message_ms: float = Field(default=0.7, ge=0)
+    broker_per_mb_ms: float = Field(default=2.5, ge=0)
+    replan_interval_s: float = Field(default=10.0, ge=0)  # re-predict deployed plan tables from live state; 0: off
+    deploy_timeout_s: float = Field(default=600.0, gt=0)  # a deploy (profile, split, upload, load) gives up after this
+    # Profiles and calibrations belong to the machine, not to a cluster: a scratch cluster (tests, the demo) keeps
+    # its pool and logs in a cache_dir of its own but reuses this one. None: cache_dir.
+    profile_dir: Path | None = None
+
+    def profile_cache(self) -> Path:
+        return self.profile_dir or self.cache_dir
 
     def results_url(self) -> str:
         return self.result_store_url or f"sqlite:///{self.cache_dir / 'results.db'}"

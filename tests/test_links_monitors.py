@@ -31,7 +31,7 @@ import pytest
 
 aio_pika = pytest.importorskip("aio_pika")
 
-from splitinfer.client import Client  # noqa: E402
+from splitinfer.actors.client import Client  # noqa: E402
 from splitinfer.monitor.links import MBIT  # noqa: E402
 from splitinfer.settings import Settings  # noqa: E402
 

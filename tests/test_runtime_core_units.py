@@ -56,7 +56,14 @@ def test_names_are_namespaced():
     for name in (n.tensors, n.results, n.jobs, n.control, n.dead, n.registry_queue, n.pool_queue,
                  n.part_exchange("d", "p"), n.replica_queue("d", "p", 1)):
         assert name.startswith("abc.")
-    assert n.replica_queue("d.x", "p", 1) == "abc.part.d%2Ex.p.r1"
+    # AMQP allows only letters, digits, '-', '_', '.' and ':' in names: a model's plan `m:p0`, a dotted or
+    # odd deployment id still give valid names, and different (deployment, part) pairs never share one
+    import re
+
+    pairs = [("d.x", "p"), ("d", "x.p"), ("m:p0", "part0"), ("m", "p0:part0"), ("a b/ü%", "p"), ("a", "b")]
+    names = [n.replica_queue(d, p, 1) for d, p in pairs] + [n.part_exchange(d, p) for d, p in pairs]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.:-]+", x) for x in names), names
+    assert len(set(names)) == len(names)
 
 
 def test_rpc_fails_pending_on_stop_and_handler_errors_are_dead_lettered(namespace):

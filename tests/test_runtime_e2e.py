@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,9 +34,10 @@ psutil = pytest.importorskip("psutil")
 
 from splitinfer.actors.result_store import ResultStore  # noqa: E402
 from splitinfer.actors.topology import Names  # noqa: E402
-from splitinfer.client import Client, publish_job, subscribe_results  # noqa: E402
+from splitinfer.actors.client import Client, publish_job, subscribe_results  # noqa: E402
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
 from splitinfer.settings import Settings  # noqa: E402
+from tests.up_cluster import up_cluster  # noqa: E402
 
 PY = sys.executable
 MODEL = "keras.applications:MobileNetV3Small"
@@ -108,43 +108,11 @@ def reference(small_split):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, run_prefix):
-    root = tmp_path_factory.mktemp("cluster")
-    ns = f"{run_prefix}.e2e{uuid.uuid4().hex[:6]}"
-    store_url = f"sqlite:///{root / 'results.db'}"
-    env = {
-        **os.environ,
-        "SPLITINFER_NAMESPACE": ns,
-        "SPLITINFER_CACHE_DIR": str(root / "cache"),
-        "SPLITINFER_RESULT_STORE_URL": store_url,
-        "SPLITINFER_QUEUE_EXPIRES_S": "600",
-    }
-    cfg = root / "cluster.toml"
-    cfg.write_text(
-        '[[servers]]\nid = "phone"\nsite = "device"\n\n'
-        '[[servers]]\nid = "edgebox"\nsite = "edge"\n\n'
-        '[[servers]]\nid = "cloud"\nsite = "cloud"\n'
-    )
-    log_path = root / "up.log"
-    with open(log_path, "wb") as log:
-        up = subprocess.Popen([PY, "-m", "splitinfer.cli", "up", "--config", str(cfg)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    settings = Settings(namespace=ns, cache_dir=root / "cache", result_store_url=store_url, queue_expires_s=600)
-    info = SimpleNamespace(ns=ns, env=env, settings=settings, up=up, root=root, store_url=store_url, log=log_path)
-    yield info
-    children = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
-    up.send_signal(signal.SIGTERM)
-    try:
-        rc = up.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(up.pid, signal.SIGKILL)
-        raise
-    gone, alive = psutil.wait_procs(children, timeout=10)
-    for p in alive:
-        p.kill()
-    text = log_path.read_text(errors="replace")
-    assert rc == 0, text[-2000:]
-    assert not alive, f"actor processes left running after the supervisor stopped: {alive}"
-    assert "all stopped" in text
+    config = ('[[servers]]\nid = "phone"\nsite = "device"\n\n'
+              '[[servers]]\nid = "edgebox"\nsite = "edge"\n\n'
+              '[[servers]]\nid = "cloud"\nsite = "cloud"\n')
+    with up_cluster(tmp_path_factory.mktemp("cluster"), run_prefix, config, tag="e2e") as info:
+        yield info
 
 
 @pytest.fixture(scope="module")

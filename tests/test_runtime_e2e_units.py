@@ -165,7 +165,8 @@ def test_cluster_config_from_toml(tmp_path):
     c = ClusterConfig.load(cfg)
     assert c.namespace == "lab" and [s.process_ids() for s in c.servers] == [["phone"], ["edge-1", "edge-2"]]
     names = [n for n, _ in plan_actors(c)]
-    assert names == ["registry", "state_pool", "model_pool", "result_store", "server:phone", "server:edge-1", "server:edge-2",
+    assert names == ["registry", "state_pool", "model_pool", "result_store", "optimizer", "server:phone", "server:edge-1",
+                     "server:edge-2",
                      "front_end"]
     argv = dict(plan_actors(c))["server:edge-2"]
     assert argv[1:3] == ["-m", "splitinfer.actors.model_server"] and argv[3:7] == ["--id", "edge-2", "--site", "edge"]

@@ -359,11 +359,12 @@ class Actor:
         return self.spawn(_settle(), name="settle")
 
     async def publish_error(self, job_id: str | None, code: str, message: str, *, reply_to: str | None = None,
-                            deployment: str | None = None) -> None:
+                            deployment: str | None = None, plan: str | None = None) -> None:
         """An ErrorResult on `<ns>.results` (key reply_to / job id) and on control `error.<id>`. An error that
         belongs to no job (say, an undecodable control message) goes to control only: on the results exchange
         nobody could match it and the result store would keep an orphan row."""
-        err = ErrorResult(job_id=job_id, deployment=deployment, code=code, message=message[:1000], where=self.id)
+        err = ErrorResult(job_id=job_id, deployment=deployment, code=code, message=message[:1000], where=self.id,
+                          plan=plan)
         body = encode(err)
         key = reply_to or job_id
         targets = [("control", self.names.error_key(self.id))]

@@ -54,6 +54,9 @@ class PendingJob:
     attempt: int = 0
     attempt_started: float = 0.0
     first_request_id: str | None = None  # set for a redelivered job (see redelivered_request_id)
+    route: str = ""               # the deployment the inputs go to: `deployment`, or its chosen plan's
+    plan: str | None = None       # the chosen plan's id, when `deployment` is a model with a plan table
+    requirements: Any = None      # the job's Requirements (a retry chooses its plan again)
     outputs: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, list] = field(default_factory=dict)   # tensor -> hops that produced it
     served_by: list[str] = field(default_factory=list)
@@ -176,18 +179,22 @@ import contextlib  # noqa: E402
 from splitinfer.actors.base import Actor, ActorStopped, header_str, run_actor  # noqa: E402
 from splitinfer.actors.topology import escape_key, queue_arguments  # noqa: E402
 from splitinfer.messages import (  # noqa: E402
+    Deregister,
     ErrorResult,
+    Heartbeat,
     Hop,
     InferenceJob,
     ListDeployments,
     MessageError,
     PartRequest,
+    PlanTableMessage,
     PoolManifest,
     Reply,
     ResultMessage,
     TensorMessage,
     check_tensor,
     decode,
+    decompress_array,
 )
 
 MANIFEST_FILE = "manifest.json"
@@ -205,6 +212,8 @@ class FrontEnd(Actor):
         super().__init__(actor_id, settings, site=site)
         self.tracker = JobTracker()
         self.manifests: dict[str, Any] = {}
+        self.plans: dict[str, Any] = {}           # model deployment -> its PlanTable (planner.table)
+        self.servers = ServerWatch(self.settings.liveness_timeout_s)
         self._manifest_locks: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
         self.inbox = None
@@ -230,6 +239,11 @@ class FrontEnd(Actor):
             self.names.jobs, durable=True,
             arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
         await self.consume(jobs, self.on_job)
+        # heartbeats (who is down, the device's battery) and pushed plan tables, for the choice of a plan per job
+        watch = await self.channel.declare_queue(f"{self.inbox_name}.watch", exclusive=True, auto_delete=True)
+        for key in ("heartbeat.*", "deregister.*", "plans.*"):
+            await watch.bind(self.exchanges["control"], routing_key=key)
+        await self.consume(watch, self.on_watch)
         self.spawn(self._timer_loop(), name="deadlines")
         from splitinfer.actors.monitors import NetworkMonitor, follow_links
 
@@ -266,6 +280,10 @@ class FrontEnd(Actor):
         if bad is not None:
             await self._reject(message, job, reply_to, *bad)
             return
+        route, plan_id, problem = self._route(job.deployment, job.requirements)
+        if problem is not None:
+            await self._reject(message, job, reply_to, *problem)
+            return
         deadline_s = job.deadline_s or self.settings.job_deadline_s
         # time already spent since submission (queueing) counts against the deadline; a clock ahead of ours
         # (submitted_at in the future) does not extend it
@@ -275,6 +293,7 @@ class FrontEnd(Actor):
             final_outputs=manifest.output_names, received_at=received, deadline=received + remaining,
             attempt_timeout_s=max(0.05, deadline_s * self.tracker.retry_share), ack=message,
             first_request_id=redelivered_request_id(job.job_id) if message.redelivered else None,
+            route=route, plan=plan_id, requirements=job.requirements,
         )
         # the first hop: the job's trip from the submitter to here (clocks of one machine; across machines it
         # includes their offset, so it is clamped at 0)
@@ -286,6 +305,23 @@ class FrontEnd(Actor):
             return
         await self._send_inputs(pending)
         self._wake.set()
+
+    def _route(self, deployment: str, requirements) -> tuple[str, str | None, tuple[str, str] | None]:
+        """(deployment to send to, plan id, None) or (.., .., (code, reason)). A model deployment's plan comes from
+        its table by the job's requirements, with the device's reported battery when the job gives none, avoiding
+        servers that stopped heartbeating (the fallback when a server of the best plan is down)."""
+        table = self.plans.get(deployment)
+        if table is None:
+            return deployment, None, None
+        from splitinfer.planner import PlanError, choose_plan, plan_deployment_name
+
+        battery = requirements.battery if requirements.battery is not None else self.servers.battery(table.client)
+        try:
+            plan = choose_plan(table, requirements.max_latency_s, battery, requirements.min_fidelity,
+                               self.servers.down(table.servers))
+        except PlanError as exc:
+            return deployment, None, ("no_plan", str(exc))
+        return plan_deployment_name(deployment, plan.id), plan.id, None
 
     def _check_inputs(self, job: InferenceJob, manifest) -> tuple[str, str] | None:
         want = [t.name for t in manifest.inputs]
@@ -320,10 +356,11 @@ class FrontEnd(Actor):
 
     async def _send_inputs(self, job: PendingJob) -> None:
         rid = job.request_id
+        route = job.route or job.deployment
         wall_deadline = time.time() + max(0.0, job.deadline - time.monotonic())
         sends = [
-            self.publish("tensors", self.names.tensor_key(job.deployment, name),
-                         TensorMessage(request_id=rid, deployment=job.deployment, tensor=name, array=arr,
+            self.publish("tensors", self.names.tensor_key(route, name),
+                         TensorMessage(request_id=rid, deployment=route, tensor=name, array=arr,
                                        server=self.id, deadline=wall_deadline, reply_to=self.internal_reply_to,
                                        site=self.site),
                          headers={"request_id": rid, "reply_to": self.internal_reply_to})
@@ -335,13 +372,13 @@ class FrontEnd(Actor):
             exc = failed[0]
             unroutable = "unroutable" in str(exc).lower() or "NO_ROUTE" in str(exc) or "312" in str(exc)
             code = "not_deployed" if unroutable else "publish_failed"
-            reason = (f"no server serves an input of deployment {job.deployment} (load its parts first)"
+            reason = (f"no server serves an input of deployment {route} (load its parts first)"
                       if unroutable else f"could not send the inputs: {type(exc).__name__}: {exc}")
             answer = self.tracker.on_error(rid, code, reason)
             if answer is not None:
                 await self._answer(answer)
         else:
-            self.log("job_sent", job_id=job.job_id, request_id=rid, attempt=job.attempt)
+            self.log("job_sent", job_id=job.job_id, request_id=rid, attempt=job.attempt, route=route)
 
     # ------------------------------------------------------------------ outputs and errors back
     async def on_inbox(self, message) -> None:
@@ -370,6 +407,16 @@ class FrontEnd(Actor):
         delay = self.links.delay(msg.site, self.site, msg.array.nbytes, time.time())
         if delay > 0:
             await asyncio.sleep(delay)
+        if msg.codec is not None:  # a plan that sends the final output compressed: the user gets the model's dtype
+            view = self.manifests.get(msg.deployment)
+            try:
+                msg.array = decompress_array(msg.array, msg.codec, msg.scale,
+                                             view.output_dtypes.get(msg.tensor, "float32") if view else "float32")
+            except MessageError as exc:
+                answer = self.tracker.on_error(msg.request_id, exc.code, f"{msg.tensor}: {exc.reason}")
+                if answer is not None:
+                    await self._answer(answer)
+                return
         received = time.time()
         hops = list(msg.hops)
         hops.append(Hop(part="result", server=self.id, transfer_s=max(0.0, received - msg.sent_at),
@@ -384,11 +431,12 @@ class FrontEnd(Actor):
         try:
             if publish and answer.kind == "result":
                 msg = ResultMessage(job_id=job.job_id, deployment=job.deployment, outputs=job.outputs,
-                                    hops=_merge_hops(job), latency_s=answer.latency_s, served_by=job.served_by)
+                                    hops=_merge_hops(job), latency_s=answer.latency_s, served_by=job.served_by,
+                                    plan=job.plan, plan_deployment=job.route if job.plan else None)
                 await self.publish("results", key, msg, mandatory=False)
             elif publish:
                 await self.publish_error(job.job_id, answer.code or "error", answer.message or "",
-                                         reply_to=job.reply_to, deployment=job.deployment)
+                                         reply_to=job.reply_to, deployment=job.deployment, plan=job.plan)
         except Exception as exc:  # the answer could not be confirmed: hand the job back for a new try
             self.log.error("answer_failed", job_id=job.job_id, error=f"{type(exc).__name__}: {exc}")
             self.tracker.answered.pop(job.job_id, None)
@@ -414,7 +462,11 @@ class FrontEnd(Actor):
             for answer in answers:
                 await self._answer(answer)
             for job in retries:
-                self.log.warning("job_retry", job_id=job.job_id, request_id=job.request_id)
+                if job.plan is not None:  # a model deployment: the best plan may have changed (a server died)
+                    route, plan_id, problem = self._route(job.deployment, job.requirements)
+                    if problem is None:
+                        job.route, job.plan = route, plan_id
+                self.log.warning("job_retry", job_id=job.job_id, request_id=job.request_id, route=job.route)
                 await self._send_inputs(job)
 
     # ------------------------------------------------------------------ manifests from the model pool
@@ -430,9 +482,12 @@ class FrontEnd(Actor):
                 listing = await self.rpc(self.names.POOL_REQUEST, ListDeployments(),
                                          timeout=min(5.0, self.settings.rpc_timeout_s))
                 known = listing.data.get("deployments", []) if isinstance(listing, Reply) else []
+                models = listing.data.get("models", []) if isinstance(listing, Reply) else []
+                if deployment in models:
+                    return await self._load_model(deployment)
                 if deployment not in known:
                     return None, ("unknown_deployment", f"no deployment {deployment!r} in the model pool "
-                                                        f"(it has: {', '.join(known) or 'none'})")
+                                                        f"(it has: {', '.join(models + known) or 'none'})")
                 reply = await self.rpc(self.names.POOL_REQUEST, PartRequest(deployment=deployment, file=MANIFEST_FILE),
                                        timeout=min(5.0, self.settings.rpc_timeout_s))
             except (asyncio.TimeoutError, TimeoutError):
@@ -448,13 +503,117 @@ class FrontEnd(Actor):
                 manifest = DeploymentView.from_json(reply.manifest)
             except (ValueError, KeyError, TypeError) as exc:
                 return None, ("bad_manifest", f"deployment {deployment}: {type(exc).__name__}: {exc}")
-            assert self.inbox is not None
-            for name in manifest.output_names:
-                await self.inbox.bind(self.exchanges["tensors"], routing_key=self.names.tensor_key(deployment, name))
-            self.manifests[deployment] = manifest
-            self.log("deployment_known", deployment=deployment, inputs=[t.name for t in manifest.inputs],
-                     outputs=manifest.output_names)
+            await self._listen(deployment, manifest)
             return manifest, None
+
+    async def _listen(self, deployment: str, manifest: "DeploymentView") -> None:
+        assert self.inbox is not None
+        for name in manifest.output_names:
+            await self.inbox.bind(self.exchanges["tensors"], routing_key=self.names.tensor_key(deployment, name))
+        self.manifests[deployment] = manifest
+        self.log("deployment_known", deployment=deployment, inputs=[t.name for t in manifest.inputs],
+                 outputs=manifest.output_names)
+
+    async def _load_model(self, model: str):
+        """A model deployment: its plan table, and every plan's manifest (all plans take and give the same tensors;
+        the first one's view validates the jobs). Called under the model's manifest lock."""
+        from splitinfer.actors.model_pool import fetch_plan_table
+        from splitinfer.planner import PlanTable, plan_deployment_name
+
+        doc = await fetch_plan_table(self, model)
+        if doc is None or "table" not in doc:
+            return None, ("unknown_deployment", f"no plan table for {model!r} in the model pool")
+        table = PlanTable.from_json(doc["table"])
+        first = None
+        for plan in table.plans:
+            dep = plan_deployment_name(model, plan.id)
+            reply = await self.rpc(self.names.POOL_REQUEST, PartRequest(deployment=dep, file=MANIFEST_FILE),
+                                   timeout=min(5.0, self.settings.rpc_timeout_s))
+            if not isinstance(reply, PoolManifest):
+                return None, ("unknown_deployment", f"plan {plan.id} of {model}: {getattr(reply, 'message', reply)}")
+            view = DeploymentView.from_json(reply.manifest)
+            await self._listen(dep, view)
+            first = first or view
+        if first is None:
+            return None, ("unknown_deployment", f"the plan table of {model!r} is empty")
+        self.plans[model] = table
+        self.manifests[model] = first
+        self.log("model_known", model=model, plans=[f"{p.id}: {p.describe()}" for p in table.plans])
+        return first, None
+
+    # ------------------------------------------------------------------ servers' state and plan tables
+    async def on_watch(self, message) -> None:
+        await self.ack(message)  # exclusive queue: state is refreshed by the next message anyway
+        try:
+            msg = decode(message.body, max_bytes=self.settings.max_message_bytes,
+                         expect=(Heartbeat, Deregister, PlanTableMessage))
+        except MessageError as exc:
+            self.log.warning("bad_control", error=exc.reason)
+            return
+        if isinstance(msg, Heartbeat):
+            self.servers.heartbeat(msg.actor_id, msg.state)
+        elif isinstance(msg, Deregister):
+            self.servers.deregister(msg.actor_id)
+        elif msg.name in self.plans:
+            self._update_plans(msg)
+
+    def _update_plans(self, msg: PlanTableMessage) -> None:
+        """New predictions for a known model: take them; different plans (a redeploy) or none (undeployed): forget
+        the model, so the next job loads it again."""
+        import json
+
+        from splitinfer.planner import PlanTable
+
+        try:
+            doc = json.loads(msg.table)
+            table = PlanTable.from_json(doc["table"]) if doc.get("table") else None
+        except (ValueError, KeyError, TypeError) as exc:
+            self.log.warning("bad_plan_table", model=msg.name, error=f"{type(exc).__name__}: {exc}")
+            return
+        old = self.plans.get(msg.name)
+        if table is not None and old is not None and [p.id for p in table.plans] == [p.id for p in old.plans] \
+                and [p.key() for p in table.plans] == [p.key() for p in old.plans]:
+            self.plans[msg.name] = table
+            return
+        self.plans.pop(msg.name, None)
+        self.manifests.pop(msg.name, None)
+
+
+class ServerWatch:
+    """Which servers are down (no heartbeat within the liveness timeout, or deregistered) and their last state:
+    the front end's own view, from the heartbeats every actor publishes, so a plan choice needs no RPC."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.started = time.monotonic()
+        self.seen: dict[str, tuple[float, Any]] = {}
+        self.gone: set[str] = set()
+
+    def heartbeat(self, actor_id: str, state, now: float | None = None) -> None:
+        self.seen[actor_id] = (time.monotonic() if now is None else now, state)
+        self.gone.discard(actor_id)
+
+    def deregister(self, actor_id: str) -> None:
+        self.gone.add(actor_id)
+
+    def down(self, servers, now: float | None = None) -> set[str]:
+        """Of `servers`, those not heard from lately; one never heard from counts as down once this watch has run
+        for a liveness timeout (before that, the front end may just have started). A plan table's stand-in client
+        (`client@<site>`) is not a process and never down."""
+        now = time.monotonic() if now is None else now
+        out = set()
+        for s in servers:
+            if s.startswith("client@"):
+                continue
+            last = self.seen.get(s)
+            if s in self.gone or (last is None and now - self.started > self.timeout_s) or \
+                    (last is not None and now - last[0] > self.timeout_s):
+                out.add(s)
+        return out
+
+    def battery(self, actor_id: str) -> float | None:
+        last = self.seen.get(actor_id)
+        return None if last is None else getattr(last[1], "battery", None)
 
 
 @dataclass
@@ -472,6 +631,7 @@ class DeploymentView:
 
     inputs: list[TensorView]
     output_names: list[str]
+    output_dtypes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, text: str) -> "DeploymentView":
@@ -482,7 +642,7 @@ class DeploymentView:
         outputs = [str(t["name"]) for t in d["outputs"]]
         if not inputs or not outputs:
             raise ValueError("manifest lists no inputs or no outputs")
-        return cls(inputs, outputs)
+        return cls(inputs, outputs, {str(t["name"]): str(t["dtype"]) for t in d["outputs"]})
 
 
 def _merge_hops(job: PendingJob) -> list[Hop]:

@@ -49,6 +49,8 @@ from splitinfer.messages import (
     TensorMessage,
     UnloadPart,
     check_tensor,
+    compress_array,
+    decompress_array,
     encode,
 )
 from splitinfer.settings import Settings
@@ -274,6 +276,8 @@ class ModelServer(Actor):
             await self.cancel(q, tag)
         await self._hand_back(hp)
         self.log("part_unloaded", deployment=deployment, part=part)
+        # the registry learns at once (not at the next heartbeat) that this part is gone from here
+        await self.publish("control", self.names.register_key(self.id), self.registration(), mandatory=False)
         return True
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
@@ -325,6 +329,13 @@ class ModelServer(Actor):
             spec = hp.inputs.get(msg.tensor)
             if spec is None:
                 raise MessageError(f"{msg.tensor!r} is not an input of {hp.name}", "wrong_tensor", msg.request_id)
+            wire_bytes = msg.array.nbytes
+            if msg.codec is not None:  # sent compressed at a cut (the plan chose it): back to the manifest's dtype
+                try:
+                    msg.array = decompress_array(msg.array, msg.codec, msg.scale, spec.dtype)
+                except MessageError as err:
+                    raise MessageError(f"{msg.tensor}: {err.reason}", err.code, msg.request_id) from None
+                msg.codec, msg.scale = None, None
             check_tensor(msg.array, spec.shape, spec.dtype, msg.tensor, msg.request_id)
             if header_str(message, "request_id") != msg.request_id:
                 raise MessageError("AMQP header request_id does not match the message's request_id",
@@ -333,11 +344,11 @@ class ModelServer(Actor):
             await self.dead_letter(message, err, deployment=hp.deployment)
             return
         # link emulation: a tensor from another site arrives RTT + bytes/bandwidth later (0 when off)
-        delay = self.links.delay(msg.site, self.site, msg.array.nbytes, now)
+        delay = self.links.delay(msg.site, self.site, wire_bytes, now)
         if delay > 0:
             await asyncio.sleep(delay)
             now = time.time()
-        self.monitor.add_radio(self.links.wire_s(msg.site, self.site, msg.array.nbytes))
+        self.monitor.add_radio(self.links.wire_s(msg.site, self.site, wire_bytes))
         rid = msg.request_id
         if message.redelivered:
             self.stats["redelivered"] = self.stats.get("redelivered", 0) + 1
@@ -497,10 +508,13 @@ class ModelServer(Actor):
             headers["reply_to"] = any_in.reply_to
         bodies = []
         for spec in hp.outputs:
+            array, scale = out[spec.name], None
+            if spec.codec is not None:  # the plan sends this cut compressed: fewer bytes on the link
+                array, scale = compress_array(array, spec.codec)
             body = encode(TensorMessage(
-                request_id=it.request_id, deployment=hp.deployment, tensor=spec.name, array=out[spec.name],
+                request_id=it.request_id, deployment=hp.deployment, tensor=spec.name, array=array,
                 produced_by=hp.name, server=self.id, deadline=min(deadlines) if deadlines else None,
-                reply_to=any_in.reply_to, hops=hops, site=self.site))
+                reply_to=any_in.reply_to, hops=hops, site=self.site, codec=spec.codec, scale=scale))
             if len(body) > self.settings.max_message_bytes:
                 raise MessageError(f"output {spec.name} is {len(body)} bytes, over the limit of "
                                    f"{self.settings.max_message_bytes}", "output_too_large", it.request_id)
@@ -508,7 +522,7 @@ class ModelServer(Actor):
             if self.monitor.is_device and self.links.enabled:  # radio time: the receiver is unknown here, so the
                 slowest = self.links.slowest_from(self.site)     # narrowest link from this site stands for it
                 if slowest is not None:
-                    self.monitor.add_radio(slowest.wire_s(out[spec.name].nbytes))
+                    self.monitor.add_radio(slowest.wire_s(array.nbytes))
         confirms = []
         for spec, body in bodies:
             # A final output may have no listener (front end down): don't bounce it; an inner one must route.
@@ -606,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--battery", action=argparse.BooleanOptionalAction, default=None,
                     help="report a battery level (default: only at site 'device')")
     ap.add_argument("--power", default=None, help="COMPUTE_W,RADIO_W,IDLE_W of the simulated battery")
+    ap.add_argument("--memory-limit-mb", type=float, default=None, help="weights this server may hold (planner)")
     args = ap.parse_args(argv)
     power = None
     if args.power:
@@ -619,7 +634,12 @@ def main(argv: list[str] | None = None) -> None:
     parts = [parse_part_spec(s) for spec in args.part for s in spec.split(",") if s.strip()]
     if parts and args.split_dir is None and not args.deployment:
         ap.error("--part without --split-dir needs --deployment (the parts come from the model pool)")
-    run_actor(ModelServer(args.id, site=args.site, capacity=args.capacity, split_dir=args.split_dir,
+    settings = None
+    if args.memory_limit_mb is not None:
+        from splitinfer.settings import get_settings
+
+        settings = get_settings().model_copy(update={"memory_limit_mb": args.memory_limit_mb})
+    run_actor(ModelServer(args.id, settings, site=args.site, capacity=args.capacity, split_dir=args.split_dir,
                           deployment=args.deployment, parts=parts, slowdown=args.slowdown, battery=args.battery,
                           power=power))
 

@@ -74,7 +74,8 @@ class ServerMonitor:
         self.compute_s = 0.0      # since start, slowdown included
         self.radio_s = 0.0
         self._charged = (0.0, 0.0)
-        self.battery = BatterySim.from_power(power or settings.power, settings.battery_capacity_j) if self.is_device else None
+        self.power = (power or settings.power) if self.is_device else None
+        self.battery = BatterySim.from_power(self.power, settings.battery_capacity_j) if self.is_device else None
 
     def add_compute(self, seconds: float) -> None:
         self.compute_s += seconds
@@ -91,7 +92,9 @@ class ServerMonitor:
         state.slowdown = self.slowdown
         state.speed_gflops = self.speed_gflops
         state.compute_s = self.compute_s
+        state.memory_limit_mb = self.actor.settings.memory_limit_mb
         if self.is_device:
+            state.power = self.power
             real = read_battery()
             if real is not None:
                 state.battery, state.battery_source = real, "sensor"

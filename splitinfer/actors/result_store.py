@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS results (
     timings TEXT,                    -- JSON list of hops
     outputs TEXT,                    -- JSON {tensor: {shape, dtype}} summary
     body BLOB,                       -- the message exactly as received (msgpack), outputs included
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    plan TEXT                        -- the plan that ran (a model deployment's plan table), else NULL
 );
 CREATE INDEX IF NOT EXISTS results_ns_job ON results (namespace, job_id);
 CREATE INDEX IF NOT EXISTS results_ns_id ON results (namespace, id);
@@ -74,13 +75,14 @@ class StoredRow:
     timings: list
     outputs: dict
     received_at: float
+    plan: str | None = None
 
     def to_json(self) -> dict:
         return {
             "id": self.id, "namespace": self.namespace, "job_id": self.job_id, "kind": self.kind,
-            "deployment": self.deployment, "code": self.code, "message": self.message, "latency_s": self.latency_s,
-            "served_by": self.served_by, "timings": self.timings, "outputs": self.outputs,
-            "received_at": self.received_at,
+            "deployment": self.deployment, "plan": self.plan, "code": self.code, "message": self.message,
+            "latency_s": self.latency_s, "served_by": self.served_by, "timings": self.timings,
+            "outputs": self.outputs, "received_at": self.received_at,
         }
 
 
@@ -100,6 +102,9 @@ class ResultStore:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        if "plan" not in columns:  # a store written before plan tables existed
+            self._db.execute("ALTER TABLE results ADD COLUMN plan TEXT")
         self._db.commit()
 
     def close(self) -> None:
@@ -127,17 +132,18 @@ class ResultStore:
         outputs: dict | None = None,
         body: bytes | None = None,
         received_at: float | None = None,
+        plan: str | None = None,
     ) -> int:
         if kind not in ("result", "error"):
             raise ValueError(f"kind must be 'result' or 'error', not {kind!r}")
         with self._lock:
             cur = self._db.execute(
                 "INSERT INTO results (namespace, job_id, kind, deployment, code, message, latency_s, served_by,"
-                " timings, outputs, body, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " timings, outputs, body, received_at, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     namespace, job_id, kind, deployment, code, message, latency_s,
                     json.dumps(served_by), json.dumps(timings or []), json.dumps(outputs or {}),
-                    body, time.time() if received_at is None else received_at,
+                    body, time.time() if received_at is None else received_at, plan,
                 ),
             )
             self._db.commit()
@@ -162,7 +168,7 @@ class ResultStore:
                 args.append(value)
         sql = (
             "SELECT id, namespace, job_id, kind, deployment, code, message, latency_s, served_by, timings, outputs,"
-            f" received_at FROM results WHERE {' AND '.join(where)} ORDER BY id {'DESC' if newest_first else 'ASC'}"
+            f" received_at, plan FROM results WHERE {' AND '.join(where)} ORDER BY id {'DESC' if newest_first else 'ASC'}"
         )
         if limit is not None:
             sql += " LIMIT ?"
@@ -171,7 +177,7 @@ class ResultStore:
             rows = self._db.execute(sql, args).fetchall()
         return [
             StoredRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8] or "null"),
-                      json.loads(r[9] or "[]"), json.loads(r[10] or "{}"), r[11])
+                      json.loads(r[9] or "[]"), json.loads(r[10] or "{}"), r[11], r[12])
             for r in rows
         ]
 
@@ -252,8 +258,9 @@ def _actor_class():
             except MessageError as exc:
                 # not something we can store as a result: keep the fact, dead-letter the bytes (no error result:
                 # answering a broken answer on the results exchange would loop)
+                job_id, reason = exc.job_id, exc.reason
                 await self.run_in_worker(lambda: self.store.add(
-                    self.names.ns, "error", exc.job_id, code="undecodable_result", message=exc.reason,
+                    self.names.ns, "error", job_id, code="undecodable_result", message=reason,
                     served_by=message.routing_key))
                 self.stats["errors"] += 1
                 await self.nack(message, requeue=False)
@@ -261,10 +268,10 @@ def _actor_class():
             body = bytes(message.body)
             if isinstance(msg, ResultMessage):
                 row = dict(kind="result", deployment=msg.deployment, latency_s=msg.latency_s, served_by=msg.served_by,
-                           timings=[h.model_dump() for h in msg.hops], outputs=_summary(msg.outputs))
+                           timings=[h.model_dump() for h in msg.hops], outputs=_summary(msg.outputs), plan=msg.plan)
             else:
                 row = dict(kind="error", deployment=msg.deployment, code=msg.code, message=msg.message,
-                           served_by=msg.where)
+                           served_by=msg.where, plan=msg.plan)
             kind = row.pop("kind")
             await self.run_in_worker(lambda: self.store.add(self.names.ns, kind, msg.job_id, body=body, **row))
             self.stats["processed"] += 1

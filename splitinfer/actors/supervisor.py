@@ -5,7 +5,8 @@
   private one (own node name, port, data directory, the project's rabbitmq.conf, the consistent-hash plugin
   enabled) and says so. A reused broker without the consistent-hash exchange type gets the plugin enabled when
   it runs on this machine, else a clear error.
-- Starts registry, model pool, result store, front end and one model-server process per server replica, each as
+- Starts registry, state pool, model pool, result store, optimizer, front end and one model-server process per
+  server replica, each as
   `python -m splitinfer.actors.<actor> ...` with SPLITINFER_NAMESPACE / SPLITINFER_BROKER_URL in its environment.
 - Restarts a crashed actor with bounded exponential backoff (0.5 s doubling to 10 s; the count resets after a
   minute of healthy running; after MAX_RESTARTS quick crashes in a row it gives up on that actor and says so).
@@ -63,6 +64,7 @@ class ServerSpec(BaseModel):
     slowdown: float = Field(1.0, ge=1.0, description="emulate a slower device: compute takes this many times longer")
     battery: bool | None = Field(None, description="report a battery level (default: only at site 'device')")
     power: PowerSpec | None = Field(None, description="the simulated battery's power figures (watts)")
+    memory_mb: float | None = Field(None, gt=0, description="weights this server may hold (the planner's limit)")
 
     def process_ids(self) -> list[str]:
         return [self.id] if self.replicas == 1 else [f"{self.id}-{k}" for k in range(1, self.replicas + 1)]
@@ -98,6 +100,7 @@ class ClusterConfig(BaseModel):
     registry: bool = True
     model_pool: bool = True
     state_pool: bool = True
+    optimizer: bool = True
     servers: list[ServerSpec] = Field(default_factory=list)
     # sites and link emulation (off unless emulate_links = true); [links] "siteA-siteB" = {rtt_ms, bandwidth_mbps}
     front_end_site: str = Field("", description="the client's site: jobs' inputs leave from it")
@@ -425,6 +428,8 @@ def plan_actors(config: ClusterConfig) -> list[tuple[str, list[str]]]:
         out.append(("model_pool", actor_argv("model_pool")))
     if config.result_store:
         out.append(("result_store", actor_argv("result_store")))
+    if config.optimizer:
+        out.append(("optimizer", actor_argv("optimizer")))
     for spec in config.servers:
         for pid in spec.process_ids():
             extra: list[str] = []
@@ -434,6 +439,8 @@ def plan_actors(config: ClusterConfig) -> list[tuple[str, list[str]]]:
                 extra.append("--battery" if spec.battery else "--no-battery")
             if spec.power is not None:
                 extra += ["--power", f"{spec.power.compute_w},{spec.power.radio_w},{spec.power.idle_w}"]
+            if spec.memory_mb is not None:
+                extra += ["--memory-limit-mb", str(spec.memory_mb)]
             out.append((f"server:{pid}", actor_argv("model_server", "--id", pid, "--site", spec.site,
                                                     "--capacity", str(spec.capacity), *extra)))
     if config.front_end:
@@ -537,7 +544,7 @@ class Supervisor:
     async def _control_client(self):
         """A broker client of the supervisor's own (kind "client"), started on first use, stopped with the cluster."""
         if self._client is None:
-            from splitinfer.client import Client
+            from splitinfer.actors.client import Client
 
             client = Client(self.settings.model_copy(update={"namespace": self.namespace,
                                                              "broker_url": self.broker_url}),
@@ -606,7 +613,7 @@ class Supervisor:
             self.say(f"stopping {len(running)} actor processes")
         # front end first (stop taking jobs), control plane last
         order = sorted(running, key=lambda a: (a.name != "front_end", a.name in ("registry", "model_pool",
-                                                                                 "state_pool")))
+                                                                                 "state_pool", "optimizer")))
         for actor in order:
             with contextlib.suppress(ProcessLookupError):
                 actor.proc.send_signal(signal.SIGTERM)

@@ -2,14 +2,15 @@
 
 Names (ns = settings.namespace):
 - `<ns>.tensors`   topic exchange, a tensor published once with key `<deployment>.<tensor>` (both escaped)
-- `<ns>.part.<dep>.<part>`       x-consistent-hash exchange (hash-header request_id), bound to `<ns>.tensors`
+- `<ns>.part.<dep>.<part>`       (segments through `name_segment`) x-consistent-hash exchange (hash-header request_id), bound to `<ns>.tensors`
                                  with each input key of the part (exchange-to-exchange)
 - `<ns>.part.<dep>.<part>.r<k>`  replica k's queue, bound to the part exchange with weight "1",
                                  x-single-active-consumer, dead-lettered to `<ns>.dead`
 - `<ns>.results`   topic exchange, final results/errors, key = job id / reply_to
 - `<ns>.jobs`      queue of InferenceJobs
 - `<ns>.control`   topic exchange: `register.<actor>`, `heartbeat.<actor>`, `deregister.<actor>`, `load.<server>`,
-                   `unload.<server>`, `registry.query`, `pool.request`, `pool.upload`, `error.<actor>`
+                   `unload.<server>`, `registry.query`, `pool.request`, `pool.upload`, `error.<actor>`,
+                   `optimizer.deploy`, `optimizer.undeploy`, `plans.<model>`
 - `<ns>.dead`      fanout exchange + queue: every work queue's x-dead-letter-exchange
 - `<ns>.registry`, `<ns>.pool`   the registry's and the model pool's control queues
 
@@ -34,6 +35,13 @@ def escape_key(segment: str) -> str:
     for raw, esc in _ESCAPES:
         segment = segment.replace(raw, esc)
     return segment
+
+
+def name_segment(segment: str) -> str:
+    """One segment of a queue or exchange name: AMQP allows only letters, digits, '-', '_', '.' and ':' there, so
+    every other character, and '.' and ':' themselves (segments stay unambiguous), becomes ':<hex of its UTF-8>'."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "".join(f":{b:02x}" for b in c.encode())
+                   for c in segment)
 
 
 def unescape_key(segment: str) -> str:
@@ -85,7 +93,7 @@ class Names:
         return escape_key(job_or_reply_to)
 
     def part_exchange(self, deployment: str, part: str) -> str:
-        return f"{self.ns}.part.{escape_key(deployment)}.{escape_key(part)}"
+        return f"{self.ns}.part.{name_segment(deployment)}.{name_segment(part)}"
 
     def replica_queue(self, deployment: str, part: str, replica: int) -> str:
         return f"{self.part_exchange(deployment, part)}.r{replica}"
@@ -122,6 +130,17 @@ class Names:
     LINKS_SET = "links.set"            # SetLinks, followed by every actor that receives tensors
     LINK_STATE = "state.link"          # LinkReport from a network monitor to the state pool
     STATE_QUERY = "state_pool.query"   # GetState -> ClusterState (RPC)
+    # the optimizer (issue 5): DeployModel / undeploy (RPC); plan tables pushed to front ends
+    OPTIMIZER_DEPLOY = "optimizer.deploy"
+    OPTIMIZER_UNDEPLOY = "optimizer.undeploy"
+
+    @staticmethod
+    def plans_key(model: str) -> str:
+        return f"plans.{escape_key(model)}"
+
+    @property
+    def optimizer_queue(self) -> str:
+        return f"{self.ns}.optimizer"
 
     @staticmethod
     def probe_key(actor_id: str) -> str:

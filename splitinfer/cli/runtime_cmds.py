@@ -107,13 +107,14 @@ def _row_json(row) -> dict:
 
 def _results_table(rows, title: str) -> Table:
     table = Table(title=title)
-    for col in ("#", "job", "kind", "deployment", "latency ms", "where the time went / error"):
+    for col in ("#", "job", "kind", "deployment / plan", "latency ms", "where the time went / error"):
         table.add_column(col, justify="right" if col in ("#", "latency ms") else "left", overflow="fold")
     for r in rows:
         detail = f"[red]{r.code}[/]: {r.message}" if r.kind == "error" else _hops_text(r.timings)
         table.add_row(
             str(r.id), r.job_id or "-", "[green]result[/]" if r.kind == "result" else "[red]error[/]",
-            r.deployment or "-", "-" if r.latency_s is None else f"{r.latency_s * 1e3:.1f}", detail,
+            (r.deployment or "-") + (f" / {r.plan}" if r.plan else ""),
+            "-" if r.latency_s is None else f"{r.latency_s * 1e3:.1f}", detail,
         )
     return table
 
@@ -172,7 +173,7 @@ def results(
 
 def _client_errors(coro):
     """Run a Client coroutine; the runtime's expected failures become one-line UserErrors."""
-    from splitinfer.client import ClientError, JobFailed
+    from splitinfer.actors.client import ClientError, JobFailed
 
     try:
         return asyncio.run(coro)
@@ -207,26 +208,46 @@ def _parse_placement(text: Optional[str]) -> Optional[dict[str, list[str]]]:
 @app.command()
 @user_errors
 def deploy(
-    directory: Path = typer.Argument(..., help="a split directory (from `splitinfer split`)"),
+    target: str = typer.Argument(..., help="a split directory (from `splitinfer split`), or a MODEL "
+                                           "(keras.applications:NAME or a .keras file) for the optimizer to plan"),
     placement: Optional[str] = typer.Option(None, "--placement", "-p",
-                                            help="PART=SERVER[+SERVER],...; default round-robin over live servers"),
-    replicas: int = typer.Option(1, "--replicas", "-r", help="replicas per part (round-robin placement)"),
-    deployment: Optional[str] = typer.Option(None, "--deployment", "-d", help="deployment id (default: split id)"),
-    min_servers: int = typer.Option(1, "--min-servers", help="wait until this many servers are live"),
-    timeout: float = typer.Option(300.0, help="seconds to wait for every part to load"),
+                                            help="split: PART=SERVER[+SERVER],...; default round-robin over live servers"),
+    replicas: int = typer.Option(1, "--replicas", "-r", help="split: replicas per part (round-robin placement)"),
+    deployment: Optional[str] = typer.Option(None, "--deployment", "-d", help="split: deployment id (default: split id)"),
+    min_servers: int = typer.Option(1, "--min-servers", help="split: wait until this many servers are live"),
+    name: Optional[str] = typer.Option(None, "--name", help="MODEL: the deployment's name (default <model>-<objective>)"),
+    objective: str = typer.Option("latency", "--objective",
+                                  help="MODEL: latency | energy (least device energy within the SLA) | throughput"),
+    sla: Optional[str] = typer.Option(None, "--sla", help="MODEL: every plan must be predicted within it: 50ms, 0.05s"),
+    servers: Optional[str] = typer.Option(None, "--servers", help="MODEL: only these servers (comma-separated)"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="MODEL: input shape, e.g. 224x224x3"),
+    compression: bool = typer.Option(False, "--compression", help="MODEL: allow float16/int8 tensors at cuts"),
+    max_plans: int = typer.Option(6, "--max-plans", help="MODEL: plans in the table (each one is loaded)"),
+    client_site: Optional[str] = typer.Option(None, "--client-site", help="MODEL: where inputs start (default: "
+                                                                          "the front end's site)"),
+    timeout: float = typer.Option(600.0, help="seconds to wait for every part to load"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
     broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Upload a split to the model pool and have the servers load its parts; returns when all serve."""
-    from splitinfer.client import Client
+    """Deploy a split (upload, load its parts) or a MODEL (the optimizer profiles, plans, splits and loads every
+    plan of the plan table); returns when all serve."""
+    from splitinfer.actors.client import Client
 
+    settings = _settings(namespace, broker_url)
+    directory = Path(target)
     if not (directory / "manifest.json").exists():
-        raise UserError(f"{directory} is not a split directory (no manifest.json); make one with `splitinfer split`")
+        if directory.is_dir():
+            raise UserError(f"{directory} is not a split directory (no manifest.json); make one with `splitinfer split`")
+        from splitinfer.cli.plan_cmds import deploy_model_command
+
+        deploy_model_command(target, name=name, objective=objective, sla=sla, servers=servers, input_shape=input_shape,
+                             compression=compression, max_plans=max_plans, client_site=client_site, timeout=timeout,
+                             settings=settings, as_json=as_json)
+        return
     if replicas < 1:
         raise UserError("--replicas must be at least 1")
     plan = _parse_placement(placement)
-    settings = _settings(namespace, broker_url)
 
     async def run():
         async with Client(settings) as c:
@@ -242,8 +263,8 @@ def deploy(
     table = Table(title=f"deployment {dep.deployment}: {len(dep.placement)} parts ready in {dep.load_s:.1f}s")
     table.add_column("part")
     table.add_column("servers (one per replica)")
-    for part, servers in dep.placement.items():
-        table.add_row(part, ", ".join(servers))
+    for part, servers_ in dep.placement.items():
+        table.add_row(part, ", ".join(servers_))
     console.print(table)
     console.print(f"inputs: {', '.join(dep.inputs)}   outputs: {', '.join(dep.outputs)}", highlight=False)
 
@@ -285,6 +306,12 @@ def infer(
     deployment: str = typer.Option(..., "--deployment", "-d", help="deployment id (see `splitinfer status`)"),
     inputs: list[str] = typer.Option(..., "--input", "-i", help="x.npy, or NAME=x.npy per input (repeat)"),
     deadline: Optional[float] = typer.Option(None, "--deadline", help="seconds (default SPLITINFER_JOB_DEADLINE_S)"),
+    max_latency: Optional[str] = typer.Option(None, "--max-latency", help="model deployment: latency budget for the "
+                                                                          "plan choice (50ms, 0.05s)"),
+    battery: Optional[float] = typer.Option(None, "--battery", help="model deployment: the device's battery level "
+                                                                    "0..1 (default: as the device reports it)"),
+    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="model deployment: lowest fidelity "
+                                                                              "(compressed cuts) acceptable"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="save the outputs to this .npz"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
     broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
@@ -293,17 +320,25 @@ def infer(
     """Run one inference job through the front end and print where the time went."""
     import numpy as np
 
-    from splitinfer.client import Client
+    from splitinfer.actors.client import Client
 
     if deadline is not None and deadline <= 0:
         raise UserError("--deadline must be positive")
+    if battery is not None and not 0.0 <= battery <= 1.0:
+        raise UserError("--battery must be between 0 and 1")
+    if min_fidelity is not None and not 0.0 < min_fidelity <= 1.0:
+        raise UserError("--min-fidelity must be in (0, 1]")
+    from splitinfer.cli.plan_cmds import _duration
+
+    budget = _duration(max_latency, "--max-latency")
     x = _load_inputs(inputs)
     settings = _settings(namespace, broker_url)
 
     async def run():
         async with Client(settings) as c:
             t0 = time.perf_counter()
-            result = await c.infer(deployment, x, deadline_s=deadline)
+            result = await c.infer(deployment, x, deadline_s=deadline, max_latency_s=budget, battery=battery,
+                                   min_fidelity=min_fidelity)
             return result, time.perf_counter() - t0
 
     result, wall = _client_errors(run())
@@ -312,14 +347,16 @@ def infer(
     if as_json:
         print(json.dumps({
             "job_id": result.job_id, "deployment": result.deployment, "latency_s": result.latency_s,
-            "client_wall_s": wall, "served_by": result.served_by,
+            "client_wall_s": wall, "served_by": result.served_by, "plan": result.plan,
+            "plan_deployment": result.plan_deployment,
             "outputs": {k: {"shape": list(v.shape), "dtype": v.dtype.str, "values": v.tolist()}
                         for k, v in result.outputs.items()},
             "hops": [h.model_dump() for h in result.hops],
         }))
         return
+    ran = f", plan {result.plan} ({result.plan_deployment})" if result.plan else ""
     table = Table(title=f"job {result.job_id}: {result.latency_s * 1e3:.1f} ms in the cluster, "
-                        f"{wall * 1e3:.1f} ms seen by this client")
+                        f"{wall * 1e3:.1f} ms seen by this client{ran}")
     for col in ("hop", "server", "transfer ms", "join wait ms", "queue ms", "compute ms", "batch"):
         table.add_column(col, justify="left" if col in ("hop", "server") else "right")
     for h in result.hops:
@@ -344,7 +381,7 @@ def status(
 ):
     """Servers (alive, site, parts hosted, load), deployments with their parts and replicas, queue depths."""
     from splitinfer.actors.topology import Names
-    from splitinfer.client import Client
+    from splitinfer.actors.client import Client
 
     settings = _settings(namespace, broker_url)
     names = Names(settings.namespace)
@@ -532,13 +569,15 @@ class ClusterRun:
 
         self.say = say
         self.scratch = Path(settings.cache_dir) / "scratch" / settings.namespace
-        self.settings = settings.model_copy(update={"queue_expires_s": queue_expires_s, "cache_dir": self.scratch})
+        self.settings = settings.model_copy(update={"queue_expires_s": queue_expires_s, "cache_dir": self.scratch,
+                                                    "profile_dir": settings.profile_cache()})
         # a given config (sites, slowdowns, emulated links: the bandwidth benchmark) replaces the default servers
         cfg = config.model_copy() if config is not None else ClusterConfig.default(servers)
         cfg.namespace = self.settings.namespace
         self.sup = Supervisor(cfg, settings=self.settings, say=say,
                               extra_env={"SPLITINFER_QUEUE_EXPIRES_S": str(queue_expires_s),
-                                         "SPLITINFER_CACHE_DIR": str(self.scratch)})
+                                         "SPLITINFER_CACHE_DIR": str(self.scratch),
+                                         "SPLITINFER_PROFILE_DIR": str(settings.profile_cache())})
 
     async def __aenter__(self):
         from splitinfer.actors.supervisor import ClusterError
@@ -602,7 +641,7 @@ async def _demo(servers: int, model: str, jobs: int, concurrency: int, settings,
 
     import numpy as np
 
-    from splitinfer.client import Client, ClientError, JobFailed
+    from splitinfer.actors.client import Client, ClientError, JobFailed
 
     with tempfile.TemporaryDirectory(prefix="splitinfer-demo-") as tmp:
         split_dir = Path(tmp) / "split"

@@ -19,6 +19,9 @@ Algorithms and what they optimise:
   parallel branches on different servers overlap. "throughput": minimise the busiest stage per request (each
   server's compute, each directed site-to-site link's bytes / bandwidth). Large DAGs are coarsened into
   contiguous blocks first (max_nodes); then the program is exact for placing the blocks.
+- plan_deployment / repredict (optimize.py): a deployment's plan table for an objective and SLA, capped at
+  max_plans, from a Cluster built out of live monitor state or a cluster description (build_cluster,
+  combine_links); re-prediction of its plans as that state changes.
 - build_plan_table / choose_plan (table.py): the Pareto set over (latency, energy, fidelity) of the DP front and
   the MILP plans, plus fallbacks (plans Pareto-optimal when one used server is down); per request: drop plans
   on down servers, below min_fidelity, over max_latency; low battery -> least energy, else fastest.
@@ -26,7 +29,7 @@ Errors are PlanError with a one-line message (unreachable SLA with the best achi
 no server can hold a part, nothing fits memory, fidelity floor unreachable).
 """
 
-from splitinfer.planner.adapter import cost_graph_from, param_bytes_of
+from splitinfer.planner.adapter import cost_graph_from, cost_graph_from_profile, param_bytes_of
 from splitinfer.planner.chain import chain_pareto, plan_chain
 from splitinfer.planner.costmodel import CostModel, Prediction, evaluate
 from splitinfer.planner.milp import coarsen, plan_dag
@@ -42,11 +45,32 @@ from splitinfer.planner.model import (
     PowerProfile,
     Server,
 )
+from splitinfer.planner.optimize import (
+    OBJECTIVES,
+    LinkFigures,
+    ServerDesc,
+    build_cluster,
+    combine_links,
+    parse_duration,
+    plan_deployment,
+    plan_deployment_name,
+    repredict,
+)
 from splitinfer.planner.plan import Plan, PlanPart, make_plan, parts_from_assignment
 from splitinfer.planner.table import PlanTable, build_plan_table, choose_plan, pareto
 
 __all__ = [
     "CODEC_FACTOR",
+    "OBJECTIVES",
+    "LinkFigures",
+    "ServerDesc",
+    "build_cluster",
+    "combine_links",
+    "cost_graph_from_profile",
+    "parse_duration",
+    "plan_deployment",
+    "plan_deployment_name",
+    "repredict",
     "BrokerOverhead",
     "Cluster",
     "CostGraph",

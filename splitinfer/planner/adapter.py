@@ -68,3 +68,14 @@ def cost_graph_from(
         incompressible=incompressible,
         name=graph.model.name,
     )
+
+
+MIN_OP_SECONDS = 1e-6  # an operation measured at 0 still costs something, so a stand-in client never runs it
+
+
+def cost_graph_from_profile(graph: ModelGraph, profile) -> CostGraph:
+    """The planner's view with each operation's measured seconds on the profiling machine (a monitor.ModelProfile
+    of this graph): the unit the optimizer plans in, so a server's speed is a factor over that machine."""
+    seconds = profile.op_seconds()
+    return cost_graph_from(graph, {n: max(s, MIN_OP_SECONDS) for n, s in seconds.items()}, profile.batch,
+                           unit="seconds")

@@ -178,6 +178,22 @@ class CostGraph:
     def total_cost(self) -> float:
         return sum(n.cost for n in self.nodes.values())
 
+    def to_json(self) -> dict:
+        """Everything the planner needs, as plain JSON: a deployed plan table carries it so that the optimizer can
+        re-predict its plans from live state without the model (or TensorFlow)."""
+        return {
+            "name": self.name, "unit": self.unit, "inputs": self.inputs, "outputs": self.outputs,
+            "nodes": [[n.name, n.cost, list(n.inputs), list(n.outputs), n.param_bytes] for n in self.nodes.values()],
+            "tensor_bytes": {t: info.nbytes for t, info in self.tensors.items()},
+            "incompressible": [t for t, info in self.tensors.items() if not info.compressible],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> CostGraph:
+        nodes = [CostNode(n, float(c), tuple(i), tuple(o), int(p)) for n, c, i, o, p in data["nodes"]]
+        return cls(nodes, data["tensor_bytes"], data["inputs"], data["outputs"], unit=data["unit"],
+                   incompressible=data.get("incompressible", ()), name=data.get("name", "model"))
+
     def __repr__(self) -> str:
         return f"CostGraph({self.name!r}, {len(self.nodes)} operations, {len(self.tensors)} tensors, unit={self.unit})"
 

@@ -33,6 +33,13 @@ class PlanTable:
     client: str
     servers: list[str]
     plans: list[Plan] = field(default_factory=list)
+    # a deployed table (planner/optimize.py): its deployment name, what it optimises, its best plan for that,
+    # the SLA every plan meets, and the fidelity figures behind compressed cuts
+    name: str = ""
+    objective: str = "latency"
+    primary: str = ""
+    sla: float | None = None
+    compression: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.plans)
@@ -48,11 +55,15 @@ class PlanTable:
 
     def to_json(self) -> dict:
         return {"model": self.model, "client": self.client, "servers": self.servers,
-                "plans": [p.to_json() for p in self.plans]}
+                "plans": [p.to_json() for p in self.plans], "name": self.name, "objective": self.objective,
+                "primary": self.primary, "sla": self.sla, "compression": self.compression}
 
     @classmethod
     def from_json(cls, data: Mapping) -> PlanTable:
-        return cls(data["model"], data["client"], list(data["servers"]), [Plan.from_json(p) for p in data["plans"]])
+        return cls(data["model"], data["client"], list(data["servers"]), [Plan.from_json(p) for p in data["plans"]],
+                   name=data.get("name", ""), objective=data.get("objective", "latency"),
+                   primary=data.get("primary", ""), sla=data.get("sla"),
+                   compression={t: dict(c) for t, c in (data.get("compression") or {}).items()})
 
 
 def build_plan_table(

@@ -4,6 +4,9 @@
         dep = await c.deploy("split_dir", replicas=1)           # upload to the pool, order servers to load parts
         result = await c.infer(dep.deployment, {"input_layer:0": x})   # ResultMessage: outputs, hops, latency
         result = await c.infer(dep.deployment, x)              # a single-input model takes the array alone
+        table = await c.deploy_model("keras.applications:MobileNetV3Small", "mnv3s", objective="energy")
+        result = await c.infer("mnv3s", x, max_latency_s=0.1, battery=0.2)  # the front end picks a plan
+        result.plan                                            # which plan ran
 
 A failed job raises `JobFailed` (its `.error` is the ErrorResult: code, message, where). Jobs go through the
 front end (`<ns>.jobs`); answers come back on `<ns>.results` with this client's id as routing key.
@@ -28,6 +31,8 @@ from splitinfer.actors.base import Actor
 from splitinfer.actors.topology import Names, escape_key
 from splitinfer.messages import (
     ActorInfo,
+    DeleteDeployment,
+    DeployModel,
     ErrorResult,
     InferenceJob,
     ListDeployments,
@@ -35,6 +40,7 @@ from splitinfer.messages import (
     PartRequest,
     PoolManifest,
     Reply,
+    Requirements,
     ResultMessage,
     decode,
     encode,
@@ -153,15 +159,18 @@ class Client(Actor):
 
     # ------------------------------------------------------------------ inference
     async def submit(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
-                     deadline_s: float | None = None, job_id: str | None = None) -> asyncio.Future:
-        """Publish a job; the future resolves to its ResultMessage or ErrorResult."""
+                     deadline_s: float | None = None, job_id: str | None = None,
+                     requirements: Requirements | None = None) -> asyncio.Future:
+        """Publish a job; the future resolves to its ResultMessage or ErrorResult. `requirements` (max latency,
+        battery level, min fidelity) choose the plan of a model deployment (see deploy_model)."""
         if isinstance(inputs, np.ndarray):
             names = await self.input_names(deployment)
             if len(names) != 1:
                 raise ClientError(f"deployment {deployment} takes {len(names)} inputs {names}: pass a dict")
             inputs = {names[0]: inputs}
         job = InferenceJob(deployment=deployment, inputs={k: np.ascontiguousarray(v) for k, v in inputs.items()},
-                           deadline_s=deadline_s, reply_to=self.id, **({"job_id": job_id} if job_id else {}))
+                           deadline_s=deadline_s, reply_to=self.id, requirements=requirements or Requirements(),
+                           **({"job_id": job_id} if job_id else {}))
         return await self.submit_job(job)
 
     async def submit_job(self, job: InferenceJob | bytes, job_id: str | None = None) -> asyncio.Future:
@@ -177,9 +186,13 @@ class Client(Actor):
         return fut
 
     async def infer(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
-                    deadline_s: float | None = None, timeout: float | None = None) -> ResultMessage:
-        """Run one job and return its ResultMessage (outputs, per-hop timings, latency); JobFailed on an error."""
-        fut = await self.submit(deployment, inputs, deadline_s=deadline_s)
+                    deadline_s: float | None = None, timeout: float | None = None,
+                    max_latency_s: float | None = None, battery: float | None = None,
+                    min_fidelity: float | None = None) -> ResultMessage:
+        """Run one job and return its ResultMessage (outputs, per-hop timings, latency, the plan that ran);
+        JobFailed on an error. max_latency_s / battery / min_fidelity steer a model deployment's plan choice."""
+        req = Requirements(max_latency_s=max_latency_s, battery=battery, min_fidelity=min_fidelity)
+        fut = await self.submit(deployment, inputs, deadline_s=deadline_s, requirements=req)
         answer = await self.wait(fut, deadline_s, timeout)
         if isinstance(answer, ErrorResult):
             raise JobFailed(answer)
@@ -204,9 +217,15 @@ class Client(Actor):
         model lives in splitinfer.splitter, whose package import loads TensorFlow, which a client that only
         sends jobs should not pay for."""
         if deployment not in self._manifests:
-            if deployment not in await self.deployments():
+            listed = deployment
+            if deployment in await self.models():  # a model deployment: every plan takes the same inputs
+                table = await self.plan_table(deployment)
+                from splitinfer.planner.optimize import plan_deployment_name
+
+                listed = plan_deployment_name(deployment, table["plans"][0]["id"])
+            elif deployment not in await self.deployments():
                 raise ClientError(f"no deployment {deployment!r} in the model pool")
-            r = await self.rpc(Names.POOL_REQUEST, PartRequest(deployment=deployment, file="manifest.json"))
+            r = await self.rpc(Names.POOL_REQUEST, PartRequest(deployment=listed, file="manifest.json"))
             if not isinstance(r, PoolManifest):
                 raise ClientError(f"the model pool has no manifest for {deployment!r}: {getattr(r, 'message', r)}")
             self._manifests[deployment] = json.loads(r.manifest)
@@ -226,11 +245,84 @@ class Client(Actor):
             raise ClientError("the registry did not answer: is the cluster up (`splitinfer up`)?") from None
 
     async def deployments(self) -> list[str]:
+        return (await self._listing()).get("deployments", [])
+
+    async def models(self) -> list[str]:
+        """Model deployments: names with a plan table (deploy_model), each plan a deployment `<name>:<plan>`."""
+        return (await self._listing()).get("models", [])
+
+    async def _listing(self) -> dict[str, list[str]]:
         try:
             r = await self.rpc(Names.POOL_REQUEST, ListDeployments(), timeout=min(10.0, self.settings.rpc_timeout_s))
         except (asyncio.TimeoutError, aio_pika.exceptions.PublishError):
             raise ClientError("the model pool did not answer: is the cluster up (`splitinfer up`)?") from None
-        return list(r.data.get("deployments", [])) if isinstance(r, Reply) else []
+        return {k: list(v) for k, v in r.data.items()} if isinstance(r, Reply) else {}
+
+    async def plan_table(self, model: str) -> dict:
+        """A model deployment's plan table (planner.PlanTable.to_json()): plans with predicted latency, device
+        energy, fidelity, throughput, route; `primary` is the objective's best."""
+        from splitinfer.actors.model_pool import fetch_plan_table
+
+        doc = await fetch_plan_table(self, model)
+        if doc is None:
+            raise ClientError(f"no model deployment {model!r} in the model pool")
+        return doc["table"]
+
+    async def deploy_model(self, model: str | Path, name: str | None = None, *, objective: str = "latency",
+                           sla_s: float | None = None, servers: list[str] | None = None,
+                           input_shape: list[int] | None = None, compression: bool = False, max_plans: int = 6,
+                           client_site: str | None = None, timeout: float | None = None) -> dict:
+        """Ask the optimizer to profile, plan, split and deploy `model` (`keras.applications:NAME` or a .keras file,
+        uploaded to the pool first) as `name`; returns its plan table once every plan serves. ClientError names
+        what failed (an SLA no plan meets, a server that is not registered, a part that did not load): nothing is
+        left half deployed."""
+        from splitinfer.actors.model_pool import PoolError, upload_source
+        from splitinfer.splitter.build import APPLICATIONS_PREFIX
+
+        origin = str(model)
+        if not origin.startswith(APPLICATIONS_PREFIX):
+            path = Path(origin)
+            if not path.is_file() or path.suffix != ".keras":
+                raise ClientError(f"{origin} is not a .keras file (or use keras.applications:NAME)")
+            try:
+                origin = await upload_source(self, path)
+            except (PoolError, asyncio.TimeoutError) as exc:
+                raise ClientError(f"could not upload {path} to the model pool: {exc}") from None
+        if name is None:
+            import re
+
+            base = re.sub(r"[^A-Za-z0-9_-]", "-", Path(origin.split(":")[-1]).stem.lower())[:40].strip("-")
+            name = f"{base or 'model'}-{objective}"
+        try:
+            req = DeployModel(name=name, model=origin, input_shape=list(input_shape) if input_shape else None,
+                              objective=objective, sla_s=sla_s, servers=list(servers or []), compression=compression,
+                              max_plans=max_plans, client_site=client_site)
+        except ValueError as exc:
+            raise ClientError(f"bad deploy request: {str(exc).splitlines()[0]}") from None
+        wait = timeout or self.settings.deploy_timeout_s + 30
+        try:
+            r = await self.rpc(Names.OPTIMIZER_DEPLOY, req, timeout=wait)
+        except aio_pika.exceptions.PublishError:
+            raise ClientError("no optimizer is running (start the cluster with `splitinfer up`)") from None
+        except asyncio.TimeoutError:
+            raise ClientError(f"the optimizer did not answer within {wait:.0f}s") from None
+        if not isinstance(r, Reply) or not r.ok:
+            raise ClientError(f"deploy of {name} failed: {getattr(r, 'message', r)}")
+        self._manifests.pop(name, None)
+        return {"name": name, **r.data}
+
+    async def undeploy(self, name: str, timeout: float = 120.0) -> str:
+        """Unload every plan of a model deployment and delete it from the pool."""
+        try:
+            r = await self.rpc(Names.OPTIMIZER_UNDEPLOY, DeleteDeployment(deployment=name), timeout=timeout)
+        except aio_pika.exceptions.PublishError:
+            raise ClientError("no optimizer is running (start the cluster with `splitinfer up`)") from None
+        except asyncio.TimeoutError:
+            raise ClientError(f"the optimizer did not answer within {timeout:.0f}s") from None
+        if not isinstance(r, Reply) or not r.ok:
+            raise ClientError(f"undeploy of {name} failed: {getattr(r, 'message', r)}")
+        self._manifests.pop(name, None)
+        return r.message
 
     async def wait_for_servers(self, n: int, timeout: float = 60.0) -> list[ActorInfo]:
         """Wait until at least n model servers are alive (registered with the registry)."""

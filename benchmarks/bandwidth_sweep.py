@@ -133,7 +133,7 @@ async def run(args, console: Console) -> dict:
     from splitinfer.cli.runtime_cmds import ClusterRun
     from splitinfer.actors.client import Client
     from splitinfer.monitor import profile_model
-    from splitinfer.planner import BrokerOverhead, cost_graph_from, plan_chain
+    from splitinfer.planner import BrokerOverhead, cost_graph_from_profile, plan_chain
     from splitinfer.settings import get_settings
     from splitinfer.splitter import ModelGraph, load_source_model, save_split, split_by_groups
 
@@ -143,8 +143,7 @@ async def run(args, console: Console) -> dict:
     graph = ModelGraph(load_source_model(args.model))
     say(f"profiling {args.model} (cached after the first run)")
     profile = profile_model(graph)
-    # a floor of 1 us per operation keeps every operation off the front end (speed ~0) even when it measured 0
-    cost_graph = cost_graph_from(graph, {n: max(s, 1e-6) for n, s in profile.op_seconds().items()}, unit="seconds")
+    cost_graph = cost_graph_from_profile(graph, profile)  # (a floor per operation keeps them off the front end)
     alts = alternatives(cost_graph, remotes, args.cut_stride)
     default_cluster = planner_cluster(sites_links(bandwidths[0], args), args)
     by_key = {a.key: a for a in alts}

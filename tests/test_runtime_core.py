@@ -10,6 +10,8 @@ every ErrorResult from `<ns>.results`.
 (3) kill -9 one join replica while requests are in flight: every request completes, none lost, none answered twice.
 (4) malformed message, wrong-shaped tensor, oversized tensor (and a join input whose partner never comes): each
     gets a clear ErrorResult and lands in `<ns>.dead`; the server keeps serving.
+(5) the broker closes a server's connection: it reconnects and serves on.
+(6) cuts sent compressed (int8, float16) travel smaller and come back as the model's dtype.
 """
 
 from __future__ import annotations
@@ -607,3 +609,71 @@ def test_server_survives_broker_closing_its_connection(dag_split, cluster_factor
     # each of the 1000 requests exactly once
     stopped = [e for e in cluster.events("s") if e.get("event") == "stopped"][0]
     assert stopped["processed"] == 4000, stopped
+
+
+# ---------------------------------------------------------------------------------------------- (6)
+
+def test_compressed_cuts_travel_smaller_and_come_back_as_the_models_dtype(dag_split, cluster_factory, namespace,
+                                                                         tmp_path):
+    """A plan may send a cut compressed (manifest PartOutput.codec): the fork's output goes as int8 with a scale,
+    branch_a's as float16; the parts behind them get float32 back and the answers stay within the codecs' error.
+    A compressed tensor whose scale is missing gets a clear error result and the server keeps serving."""
+    from splitinfer.splitter.manifest import Manifest
+
+    split = tmp_path / "compressed"
+    shutil.copytree(dag_split, split)
+    manifest = Manifest.load(split)
+    codecs = {"stem:0": "int8", "branch_a:0": "float16"}
+    for part in manifest.parts:
+        for o in part.outputs:
+            o.codec = codecs.get(o.name)
+    manifest.save(split)
+    cluster = cluster_factory()
+    cluster.deployment_parts = ("cdag", [("part0", 1), ("part1", 1), ("part2", 1), ("part3", 1)])
+    cluster.start("s", "model_server", "--id", "s", "--split-dir", str(split), "--deployment", "cdag",
+                  "--part", "part0,part1,part2,part3")
+    xs, ref = _dag_reference(dag_split, 12, 5)
+    cluster.wait_for("s", "part_loaded", 4)
+
+    async def main() -> None:
+        driver = Driver(_settings(namespace), "cdag", manifest)
+        await driver.start()
+        wire: dict[str, list[TensorMessage]] = collections.defaultdict(list)
+        spy = await driver.channel.declare_queue(exclusive=True, auto_delete=True)
+        for t in codecs:
+            await spy.bind(driver.exchanges["tensors"], driver.names.tensor_key("cdag", t))
+
+        async def on_wire(message) -> None:
+            msg = decode(message.body)
+            wire[msg.tensor].append(msg)
+
+        await spy.consume(on_wire, no_ack=True)
+        try:
+            results = await driver.run_many(xs, concurrency=4, prefix="c")
+            # int8 at the fork (error <= scale / 2 per element) and float16 on a branch: close, not exact
+            err = _check_outputs(results, ref, "c", 5e-2 * float(np.max(np.abs(ref))))
+            assert err > 0
+            await asyncio.sleep(0.3)
+            stem, branch = wire["stem:0"][0], wire["branch_a:0"][0]
+            assert stem.codec == "int8" and stem.array.dtype == np.int8 and stem.scale > 0
+            assert branch.codec == "float16" and branch.array.dtype == np.float16 and branch.scale is None
+            assert stem.array.nbytes * 4 == 1 * 16 * 16 * 8 * 4  # a quarter of the float32 bytes on the wire
+            # the int8 stem without its scale: refused with a clear error, dead-lettered; the server goes on
+            bad = TensorMessage(request_id="c-noscale", deployment="cdag", tensor="stem:0",
+                                array=np.zeros((1, 16, 16, 8), np.int8), codec="int8")
+            await driver.publish("tensors", driver.names.tensor_key("cdag", "stem:0"), bad,
+                                 headers={"request_id": "c-noscale"})
+            again = await driver.run_many(xs[:3], concurrency=2, prefix="c2")
+            assert set(again) == {"c20", "c21", "c22"}
+            deadline = time.time() + 10
+            while len(driver.errors) < 2 and time.time() < deadline:
+                await asyncio.sleep(0.1)
+            # one error from each part that takes the stem (both branches)
+            assert sorted((e.job_id, e.code) for e in driver.errors) == [("c-noscale", "bad_codec")] * 2
+            assert all("scale" in e.message for e in driver.errors)
+            _no_duplicates(driver)
+        finally:
+            await driver.stop()
+
+    asyncio.run(main())
+    assert cluster.stop() == {"s": 0}

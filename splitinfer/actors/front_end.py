@@ -1,6 +1,7 @@
 """Front end: inference jobs in, one answer per job out.
 
-Flow (see /tmp/runtime_design.md): consume `<ns>.jobs`, validate the job against the deployment's manifest, publish
+Flow: consume `<ns>.jobs`, validate the job against the deployment's manifest (for a model deployment, choose the
+plan from its plan table by the job's requirements, the device's battery and which servers heartbeat), publish
 its input tensors to `<ns>.tensors` (key `<deployment>.<tensor>`, header request_id), collect the final outputs on
 a queue of its own bound to the final tensors' keys, and publish one ResultMessage (outputs + per-hop timings) or
 one ErrorResult to `<ns>.results` with routing key reply_to.

@@ -17,6 +17,7 @@ fidelity without compression options) are held constant so the label sets stay s
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,23 @@ def _pareto(labels: list[_Label]) -> list[_Label]:
             if r[i] < best:
                 kept.append(lab)
                 best = r[i]
+        return kept
+    if len(varying) == 2:  # latency and two others (energy and fidelity, say): a 2-D staircase, O(n log n)
+        i, j = varying
+        xs: list[float] = []  # the kept labels' criterion i, ascending; criterion j strictly descending with it
+        ys: list[float] = []
+        kept = []
+        for lab, r in zip(labels, rest):
+            x, y = r[i], r[j]
+            k = bisect.bisect_right(xs, x)
+            if k and ys[k - 1] <= y:  # a kept label (no slower: sorted) is no worse in both: dominated
+                continue
+            kept.append(lab)
+            end = k
+            while end < len(xs) and ys[end] >= y:  # the staircase points this one now dominates
+                end += 1
+            xs[k:end] = [x]
+            ys[k:end] = [y]
         return kept
     kept, kept_rest = [], []
     for lab, r in zip(labels, rest):

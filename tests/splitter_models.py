@@ -99,6 +99,76 @@ def dict_output() -> keras.Model:
     )
 
 
+def masked_attention() -> keras.Model:
+    """Keras masks (Embedding(mask_zero=True)) read by layers that never take them as arguments: Maximum/Multiply,
+    MultiHeadAttention (called with query/value/key keywords; it clears its inputs' masks, so the residual Add sees
+    only its own) and a masked GlobalAveragePooling1D. Integer token inputs include 0, so the masks matter."""
+    tokens = keras.Input((10,), dtype="int32", name="tokens")
+    x = layers.Embedding(50, 8, mask_zero=True, name="emb")(tokens)
+    g = layers.Maximum(name="max")([layers.Dense(8, name="gate_a")(x), layers.Dense(8, name="gate_b")(x)])
+    g = layers.Multiply(name="mul")([g, x])
+    a = layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(query=g, value=g, key=g)
+    x = layers.LayerNormalization(name="ln")(layers.Add(name="res")([g, a]))
+    return keras.Model(tokens, layers.Dense(3, name="head")(layers.GlobalAveragePooling1D(name="gap")(x)),
+                       name="masked_attention")
+
+
+def masked_nested() -> keras.Model:
+    """A masked tensor into a nested Functional (which puts the mask on its own input) and a masked LSTM."""
+    i = keras.Input((9, 8))
+    h = layers.Dense(8, name="in_pre")(i)
+    block = keras.Model(i, layers.Add(name="in_res")([h, layers.MultiHeadAttention(2, 4, name="in_mha")(h, h)]),
+                        name="block")
+    tokens = keras.Input((9,), dtype="int32", name="tokens")
+    x = block(layers.Embedding(30, 8, mask_zero=True, name="emb")(tokens))
+    x = layers.LSTM(6, return_sequences=True, name="lstm")(x)
+    x = layers.GRU(4, name="gru")(layers.Dense(5, name="proj")(x))
+    return keras.Model(tokens, layers.Dense(2, name="head")(x), name="masked_nested")
+
+
+def keras_ops_graph() -> keras.Model:
+    """keras.ops called directly on KerasTensors: concatenate, reshape, transpose, split, slicing, mean with axis,
+    a constant multiply; a list-taking layer fed the same tensor twice; Dropout/BatchNormalization at inference;
+    a Functional nested twice."""
+    inner_in = keras.Input((8,))
+    inner = keras.Model(inner_in, layers.Dense(8, activation="relu", name="core")(inner_in), name="inner")
+    mid_in = keras.Input((8,))
+    mid = keras.Model(mid_in, layers.Dense(4, name="mid_out")(inner(layers.Dense(8, name="mid_in")(mid_in))),
+                      name="mid")
+    inp = keras.Input((6, 8), name="x")
+    a = layers.Dense(8, name="d1")(inp)
+    c = ops.concatenate([a, inp], axis=-1)
+    t = ops.transpose(ops.reshape(c, (-1, 12, 8)), (0, 2, 1))
+    p, q = ops.split(t, 2, axis=-1)
+    y = layers.Dense(8, name="d2")(layers.Flatten(name="flat")(p[:, 1:])) * 0.5
+    y = layers.Dropout(0.5, name="drop")(layers.BatchNormalization(name="bn")(y))
+    z = layers.Concatenate(name="twice")([ops.mean(q, axis=1), ops.mean(q, axis=1)])
+    z = mid(layers.Dense(8, name="d3")(z))
+    return keras.Model(inp, layers.Add(name="sum")([layers.Dense(4, name="d4")(y), z]), name="keras_ops_graph")
+
+
+def odd_io() -> keras.Model:
+    """Inputs given as a dict, one of them unused; an output that is directly an input, the same tensor as two
+    outputs, an output that is also consumed further; mixed dtypes (an int input, a float16 layer)."""
+    a = keras.Input((5,), name="a")
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    unused = keras.Input((3,), name="unused")
+    h = layers.Dense(6, name="h")(a)
+    half = layers.Dense(6, dtype="float16", name="half")(h)
+    e = layers.Flatten(name="flat")(layers.Embedding(20, 2, name="emb")(ids))
+    j = layers.Concatenate(name="join")([ops.cast(half, "float32"), e])
+    out = layers.Dense(2, name="out")(j)
+    return keras.Model({"a": a, "ids": ids, "unused": unused}, [out, a, h, out], name="odd_io")
+
+
+def dict_inputs() -> keras.Model:
+    """Inputs as a dict whose keys are not the input names (Keras warns, but takes it): the model must be called
+    with a dict, flattened by key (`alpha:0` for key "a" before `zeta:0` for key "z")."""
+    z, a = keras.Input((4,), name="zeta"), keras.Input((3,), name="alpha")
+    y = layers.Concatenate(name="cat")([layers.Dense(2, name="dz")(z), layers.Dense(2, name="da")(a)])
+    return keras.Model({"z": z, "a": a}, layers.Dense(1, name="out")(y), name="dict_inputs")
+
+
 SMALL_MODELS = {
     "nested": nested_backbone,
     "siamese": siamese,
@@ -106,6 +176,10 @@ SMALL_MODELS = {
     "two_in_two_out": two_in_two_out,
     "dict_output": dict_output,
     "dict_output_layer": dict_output_layer,
+    "masked_attention": masked_attention,
+    "masked_nested": masked_nested,
+    "keras_ops_graph": keras_ops_graph,
+    "odd_io": odd_io,
 }
 
 

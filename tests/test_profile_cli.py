@@ -133,3 +133,41 @@ def test_profile_command_in_a_fresh_process(tmp_path):
     assert bad.returncode == 1
     lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in bad.stderr
+
+
+def test_profile_models_with_an_unused_input_or_no_operations(tmp_path):
+    """An input nothing consumes is still fed to the whole model; a model without operations has nothing to time."""
+    import keras
+
+    a, unused = keras.Input((6,), name="a"), keras.Input((3,), name="unused")
+    h = keras.layers.Dense(8, name="h")(a)
+    keras.Model([a, unused], [keras.layers.Dense(2, name="out")(h), a], name="odd").save(tmp_path / "odd.keras")
+    result = runner.invoke(app, ["profile", str(tmp_path / "odd.keras"), "--json", "--rounds", "3", "--segments", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["totals"]["flops"] == data["totals"]["profiler_flops"] > 0
+    assert [c["tensor"] for c in data["cut_points"]] == ["h:0"]
+    x = keras.Input((3,), name="x")
+    keras.Model(x, x, name="identity").save(tmp_path / "identity.keras")
+    line = _one_line_error(runner.invoke(app, ["profile", str(tmp_path / "identity.keras"), "--rounds", "3"]))
+    assert "no operations" in line
+
+
+def test_profile_free_input_dimensions_need_a_shape(tmp_path):
+    import keras
+
+    inp = keras.Input((None, None, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="gap")(x), name="free").save(tmp_path / "free.keras")
+    line = _one_line_error(runner.invoke(app, ["profile", str(tmp_path / "free.keras"), "--rounds", "3"]))
+    assert "--input-shape" in line
+    result = runner.invoke(app, ["profile", str(tmp_path / "free.keras"), "--input-shape", "12x12x3", "--json",
+                                 "--rounds", "3", "--segments", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["input_shapes"] == [[12, 12, 3]]
+    assert data["totals"]["flops"] == data["totals"]["profiler_flops"] > 0
+    line = _one_line_error(runner.invoke(app, ["profile", str(tmp_path / "free.keras"), "--out",
+                                               str(tmp_path / "free.keras" / "p.json"), "--input-shape", "12x12x3",
+                                               "--rounds", "3"]))
+    assert "cannot write the profile" in line

@@ -6,7 +6,7 @@ import pytest
 
 from splitinfer.monitor import node_flops, whole_model_profiler_flops
 from splitinfer.splitter import ModelGraph, load_source_model
-from tests.splitter_models import SMALL_MODELS
+from tests.splitter_models import SMALL_MODELS, dict_inputs
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,23 @@ def test_shared_layer_calls_counted_separately():
     graph = ModelGraph(SMALL_MODELS["siamese"]())
     flops = node_flops(graph)
     assert flops["shared"] > 0 and flops["shared"] == flops["shared@1"]
+
+
+def test_a_call_recorded_with_training_true_is_counted_as_inference():
+    """Monte-Carlo dropout (`Dropout(...)(x, training=True)`) runs as inference when the model is called with
+    training=False, as parts and servers call it: the per-operation count must not include the dropout ops."""
+    import keras
+
+    inp = keras.Input((16,), name="x")
+    h = keras.layers.Dropout(0.5, name="mc")(keras.layers.Dense(16, name="d")(inp), training=True)
+    h = keras.layers.BatchNormalization(name="bn")(h, training=True)
+    graph = ModelGraph(keras.Model(inp, keras.layers.Dense(2, name="o")(h), name="mc_dropout"))
+    flops = node_flops(graph)
+    assert flops["mc"] == 0
+    assert sum(flops.values()) == whole_model_profiler_flops(graph)
+
+
+@pytest.mark.filterwarnings("ignore:When providing `inputs` as a dict")
+def test_dict_inputs_keyed_unlike_their_names():
+    graph = ModelGraph(dict_inputs())
+    assert sum(node_flops(graph).values()) == whole_model_profiler_flops(graph) > 0

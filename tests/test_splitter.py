@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import numpy as np
@@ -21,7 +22,7 @@ from splitinfer.splitter import (
     verify_split,
 )
 from splitinfer.splitter.partition import balanced_cuts
-from tests.splitter_models import SMALL_MODELS, random_partition
+from tests.splitter_models import SMALL_MODELS, dict_inputs, random_partition
 
 TOLERANCE = 1e-5
 BIG_MODELS = [
@@ -268,3 +269,111 @@ def test_application_tensor_names_do_not_depend_on_what_the_process_built_before
     again = ModelGraph(load_source_model("keras.applications:MobileNetV3Small", input_shape=(96, 96, 3)))
     assert again.inputs == first.inputs == ["input_layer:0"]
     assert list(again.nodes) == list(first.nodes)
+
+
+# -- models no earlier test named: masks, odd inputs/outputs, free input dimensions, auto-named ops -------------
+
+
+def test_keras_masks_travel_with_the_tensor_they_mask(tmp_path):
+    """A mask is a tensor of its own (`emb:mask0`), an input of the layers that read it: a cut before
+    MultiHeadAttention or Maximum/Multiply hands it over, and the next part puts it back on its input."""
+    keras.utils.set_random_seed(8)
+    graph = ModelGraph(SMALL_MODELS["masked_attention"]())
+    assert graph.tensors["emb:0"].mask == "emb:mask0" and graph.tensors["emb:mask0"].dtype == "bool"
+    assert "mul:mask0" in graph.nodes["mha"].masks
+    # MultiHeadAttention clears its inputs' masks as it runs: the residual Add after it reads only the attention's.
+    assert graph.nodes["res"].masks == ["mha:mask0"]
+    with pytest.raises(SplitError, match=r"mul:mask0"):
+        split_at_cuts(graph, ["mul:0"])
+    upto_mul = {"emb", "gate_a", "gate_b", "max", "mul"}
+    groups = {n: 0 if n in upto_mul else 1 for n in graph.compute_nodes}
+    manifest = _split_and_verify(graph, split_by_groups(graph, groups), tmp_path / "a", samples=3)
+    assert "mul:mask0" in [t.name for t in manifest.parts[1].inputs]
+    # The token input is live there too (the pooling's own mask is computed from it): a frontier may name it.
+    manifest = _split_and_verify(graph, split_at_cuts(graph, ["mul:0+mul:mask0+tokens:0"]), tmp_path / "b", samples=3)
+    assert {t.name for t in manifest.parts[1].inputs} == {"mul:0", "mul:mask0", "tokens:0"}
+
+
+def test_masked_tensor_into_a_nested_model_keeps_its_mask_when_cut_inside(tmp_path):
+    keras.utils.set_random_seed(9)
+    graph = ModelGraph(SMALL_MODELS["masked_nested"]())
+    holders = [n for n, node in graph.nodes.items() if node.op_type == "RestoreMask"]
+    assert len(holders) == 1 and holders[0].startswith("block/")
+    # Cut between the nested model's first layer and its attention: the mask must follow.
+    groups = {n: 0 if graph.index[n] <= graph.index["block/in_pre"] else 1 for n in graph.compute_nodes}
+    manifest = _split_and_verify(graph, split_by_groups(graph, groups), tmp_path, samples=3)
+    assert "block/in_pre:mask0" in [t.name for t in manifest.parts[1].inputs]
+
+
+def test_unused_input_and_an_input_that_is_also_an_output(tmp_path):
+    keras.utils.set_random_seed(10)
+    graph = ModelGraph(SMALL_MODELS["odd_io"]())
+    assert graph.outputs == ["out:0", "a:0", "h:0", "out:0"]
+    assert graph.cut_points() == ["join:0"], "an input nothing consumes does not block a cut"
+    manifest = _split_and_verify(graph, split_at_cuts(graph, ["join:0"]), tmp_path, samples=2)
+    first = manifest.parts[0]
+    assert {o.name for o in first.outputs if o.final} == {"a:0", "h:0"}
+    assert [t.name for t in manifest.inputs] == ["a:0", "ids:0", "unused:0"]
+    _check_manifest(graph, manifest)
+
+
+def test_auto_named_mask_ops_of_a_loaded_model_do_not_clash(tmp_path):
+    """Loading names an op from its config (`not_equal_1`) while Keras's counter would give that name again to the
+    mask op a Masking layer makes when a part is rebuilt; a part holding both used to be refused."""
+    from keras.src.utils import naming
+
+    naming.reset_uids()
+    keras.ops.not_equal(keras.Input((3,)), 0.0)  # the model is built after another: its mask op is `not_equal_1`
+    inp = keras.Input((7, 3), name="seq")
+    x = keras.layers.Masking(0.0, name="masking")(inp)
+    x = keras.layers.Multiply(name="mul")([keras.layers.Dense(3, name="d")(x), x])
+    keras.Model(inp, keras.layers.SimpleRNN(5, name="rnn")(x), name="masking").save(tmp_path / "m.keras")
+    naming.reset_uids()  # as in a fresh process
+    graph = ModelGraph(load_source_model(str(tmp_path / "m.keras")))
+    assert "not_equal_1" in graph.nodes and graph.tensors["masking:0"].mask == "masking:mask0"
+    # The first part hands over the Masking layer's mask (its own `not_equal` op) and holds the loaded `not_equal_1`.
+    groups = {n: 0 if n in ("masking", "not_equal_1", "any") else 1 for n in graph.compute_nodes}
+    manifest = _split_and_verify(graph, split_by_groups(graph, groups), tmp_path / "s", samples=2)
+    assert "masking:mask0" in [o.name for o in manifest.parts[0].outputs]
+
+
+def test_input_shape_fixes_the_free_dimensions_of_a_saved_model(tmp_path):
+    inp = keras.Input((None, None, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    x = keras.layers.Add(name="res")([x, x * 0.5])
+    path = tmp_path / "free.keras"
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="gap")(x), name="free").save(path)
+    graph = ModelGraph(load_source_model(str(path), (16, 16, 3)))
+    assert graph.tensors["img:0"].shape == (None, 16, 16, 3) and graph.tensors["conv:0"].shape == (None, 14, 14, 4)
+    assert graph.cut_points() == ["conv:0", "res:0"]
+    _split_and_verify(graph, split_at_cuts(graph, ["conv:0"]), tmp_path / "s", samples=2)
+    with pytest.raises(SplitError, match="takes inputs of shape"):
+        load_source_model(str(path), (16, 16))
+    # Without a shape, verify cannot guess one; it says so in one line.
+    free = ModelGraph(load_source_model(str(path)))
+    save_split(free, split_at_cuts(free, ["conv:0"]), tmp_path / "f", origin="x")
+    with pytest.raises(SplitError, match="free dimensions"):
+        verify_split(tmp_path / "f")
+
+
+def test_manifest_refuses_files_outside_the_split_directory(tmp_path):
+    keras.utils.set_random_seed(11)
+    graph = ModelGraph(SMALL_MODELS["dict_output"]())
+    save_split(graph, split_at_cuts(graph, ["trunk:0"]), tmp_path, origin="x")
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["parts"][1]["file"] = "../elsewhere.keras"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SplitError, match="not a plain file name"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": ')
+    with pytest.raises(SplitError, match="invalid manifest"):
+        verify_split(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:When providing `inputs` as a dict")
+def test_dict_inputs_keyed_unlike_their_names(tmp_path):
+    """verify calls the source model itself: with a dict keyed as its inputs, not a list."""
+    keras.utils.set_random_seed(12)
+    graph = ModelGraph(dict_inputs())
+    assert graph.inputs == ["alpha:0", "zeta:0"]
+    _split_and_verify(graph, split_at_cuts(graph, ["cat:0"]), tmp_path, samples=2)

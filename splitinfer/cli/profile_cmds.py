@@ -78,11 +78,17 @@ def profile(
         result = profile_model(graph, batch=batch, segments=segments, rounds=rounds, refresh=refresh,
                                progress=report)
     if out is not None:
-        result.save(out)
+        try:
+            result.save(out)
+        except OSError as exc:
+            raise UserError(f"cannot write the profile to {out}: {exc.strerror or exc}") from None
     if plot is not None:
         from splitinfer.monitor.plot import plot_profile
 
-        plot_profile(result, plot)
+        try:
+            plot_profile(result, plot)
+        except OSError as exc:
+            raise UserError(f"cannot write the plot to {plot}: {exc.strerror or exc}") from None
     if as_json:
         print(result.model_dump_json())
         return
@@ -144,7 +150,10 @@ def calibrate(
         cal = measure(rounds=rounds, progress=lambda what, done, total: progress.update(task, completed=done))
     cached = cal.save(calibration_path(cal.machine.fingerprint))
     if out is not None:
-        cal.save(out)
+        try:
+            cal.save(out)
+        except OSError as exc:
+            raise UserError(f"cannot write the calibration to {out}: {exc.strerror or exc}") from None
     if as_json:
         print(cal.model_dump_json())
         return

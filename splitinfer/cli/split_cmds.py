@@ -64,25 +64,32 @@ def split(
     chosen = [x is not None for x in (parts, cuts, partition)]
     if sum(chosen) != 1:
         raise UserError("give exactly one of --parts, --cuts or --partition")
+    if parts is not None and parts < 1:
+        raise UserError("--parts must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    cut_list = _parse_cuts(cuts) if cuts is not None else None
+    groups = _parse_partition(partition) if partition is not None else None
     graph = _load_graph(model, input_shape, seed)
     if parts is not None:
         from splitinfer.monitor import node_flops
 
-        if parts < 1:
-            raise UserError("--parts must be at least 1")
         with console.status("counting FLOPs per operation"):
             costs = node_flops(graph)
         specs = split_at_cuts(graph, balanced_cuts(graph, costs, parts))
-    elif cuts is not None:
-        specs = split_at_cuts(graph, _parse_cuts(cuts))
+    elif cut_list is not None:
+        specs = split_at_cuts(graph, cut_list)
     else:
-        specs = split_by_groups(graph, _parse_partition(partition))
+        specs = split_by_groups(graph, groups)
     with Progress(
         TextColumn("saving parts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
         transient=True, disable=as_json,
     ) as progress:
         task = progress.add_task("save", total=len(specs))
-        manifest = save_split(graph, specs, out, origin=model, progress=lambda _: progress.advance(task))
+        try:
+            manifest = save_split(graph, specs, out, origin=model, progress=lambda _: progress.advance(task))
+        except OSError as exc:
+            raise UserError(f"cannot write the split to {out}: {exc.strerror or exc}") from None
     if as_json:
         print(json.dumps({"split_id": manifest.split_id, "out": str(out), "parts": _part_rows(manifest)}))
         return
@@ -156,10 +163,15 @@ def cuts(
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the cut points along the model (PNG)"),
 ):
     """List the valid single-tensor cut points with the bytes live at each."""
+    if batch < 1:
+        raise UserError("--batch must be at least 1")
     graph = _load_graph(model, input_shape)
     rows = cut_point_rows(graph, batch)
     if plot is not None:
-        plot_cut_points(graph, rows, plot)
+        try:
+            plot_cut_points(graph, rows, plot)
+        except OSError as exc:
+            raise UserError(f"cannot write the plot to {plot}: {exc.strerror or exc}") from None
     if as_json:
         print(json.dumps({"model": graph.model.name, "operations": len(graph.compute_nodes), "cut_points": rows}))
         return

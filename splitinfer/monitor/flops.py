@@ -16,9 +16,8 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 from splitinfer import _tf  # noqa: F401
-from keras import tree
 
-from splitinfer.splitter.graph import ModelGraph, SplitError
+from splitinfer.splitter.graph import ModelGraph, SplitError, inference_call
 
 _SCOPE = re.compile(r"^n(\d{5,})$")
 
@@ -40,10 +39,14 @@ def input_specs(graph: ModelGraph, batch: int = 1):
         dims = list(info.shape)
         if dims and dims[0] is None:
             dims[0] = batch
+        elif dims and dims[0] != batch:
+            raise SplitError(
+                f"input {t} has a fixed batch size of {dims[0]}: profile it at batch {dims[0]}, not {batch}"
+            )
         if any(d is None for d in dims):
             raise SplitError(
-                f"input {t} has unknown dimensions {tuple(info.shape)}: FLOPs and latency need a model "
-                "with fixed input dimensions (save it with a fixed input shape)"
+                f"input {t} has unknown dimensions {tuple(info.shape)}: FLOPs and latency need fixed input "
+                "dimensions (give --input-shape, or save the model with a fixed input shape)"
             )
         specs.append(tf.TensorSpec(dims, info.dtype, name=re.sub(r"[^A-Za-z0-9_]", "_", t.split(":")[0])))
     return specs
@@ -58,15 +61,13 @@ def replay(graph: ModelGraph, nodes: Sequence[str], tensors: dict, scoped: bool 
 
     for name in nodes:
         node = graph.nodes[name]
-        knode = node.keras_node
-        bound = {id(kt): tensors[t] for kt, t in zip(knode.arguments.keras_tensors, node.inputs)}
-        args, kwargs = knode.arguments.fill_in(bound)
+        values = [tensors[t] for t in node.inputs]
         if scoped:
             with tf.name_scope(scope_of(graph.index[name])):
-                result = node.operation(*args, **kwargs)
+                result = inference_call(node, values)
         else:
-            result = node.operation(*args, **kwargs)
-        for out, value in zip(node.outputs, tree.flatten(result)):
+            result = inference_call(node, values)
+        for out, value in zip(node.results, result):
             tensors[out] = value
     return tensors
 
@@ -92,7 +93,7 @@ def model_function(graph: ModelGraph, batch: int = 1):
     specs = input_specs(graph, batch)
 
     def fn(*xs):
-        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+        return model(graph.model_inputs(xs), training=False)
 
     return tf.function(fn, autograph=False).get_concrete_function(*specs)
 

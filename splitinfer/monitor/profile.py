@@ -312,13 +312,15 @@ def build_profile(
     from splitinfer.monitor.machine import machine_info
     from splitinfer.monitor.timing import default_clock, interleaved_both, iqr, median, trivial_call
     from splitinfer.splitter import build_part, split_at_cuts
-    from splitinfer.splitter.graph import SplitError, model_hash as _model_hash
+    from splitinfer.splitter.graph import SplitError, error_line, model_hash as _model_hash
     from keras import tree
 
     if batch < 1:
         raise SplitError(f"batch must be at least 1, not {batch}")
     if rounds < 3:
         raise SplitError("rounds must be at least 3")
+    if not graph.compute_nodes:
+        raise SplitError(f"{graph.model.name} has no operations to profile")
     started = time.perf_counter()
     report = progress or (lambda *_: None)
     total_steps = 2 + max(1, segments) + rounds  # corrected once the segments are known
@@ -374,13 +376,15 @@ def build_profile(
     rng = np.random.default_rng(seed)
     values = {t: _random_input(graph.tensors[t], batch, rng) for t in graph.inputs}
     try:
-        whole_fn = _compile(build_part(graph, whole_spec), [tf.TensorSpec(values[t].shape, values[t].dtype) for t in graph.inputs])
-        whole_fn(*[values[t] for t in graph.inputs])  # a shape the model cannot take fails here, not mid-measurement
+        whole_fn = _compile(build_part(graph, whole_spec),
+                            [tf.TensorSpec(values[t].shape, values[t].dtype) for t in whole_spec.inputs])
+        # a shape the model cannot take fails here, not mid-measurement
+        whole_fn(*[values[t] for t in whole_spec.inputs])
     except (ValueError, TypeError, tf.errors.OpError) as exc:
         raise SplitError(f"cannot run {graph.model.name} at input shape {[list(v.shape) for v in values.values()]}: "
-                         f"{str(exc).strip().splitlines()[0][:300]}") from None
+                         f"{error_line(exc)}") from None
     tick("compiling the whole model")
-    calls = [trivial_call(), (whole_fn, [values[t] for t in graph.inputs])]
+    calls = [trivial_call(), (whole_fn, [values[t] for t in whole_spec.inputs])]
     for spec in specs:
         fn = _compile(build_part(graph, spec), [tf.TensorSpec(values[t].shape, values[t].dtype) for t in spec.inputs])
         args = [values[t] for t in spec.inputs]

@@ -16,7 +16,7 @@ from splitinfer import _tf  # noqa: F401
 import keras
 from keras import tree
 
-from splitinfer.splitter.graph import ModelGraph, SplitError, model_hash
+from splitinfer.splitter.graph import ModelGraph, RestoreMask, SplitError, error_line, model_hash
 from splitinfer.splitter.manifest import (
     SOURCE_FILE,
     Manifest,
@@ -30,17 +30,23 @@ from splitinfer.splitter.partition import PartSpec
 
 APPLICATIONS_PREFIX = "keras.applications:"
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
+MAX_INPUT_ELEMENTS = 2**31 - 1  # per sample: TensorFlow kernels index tensors with int32
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
+    """`224x224x3` (or `224,224,3`) -> (224, 224, 3); None -> None (the model's own shape)."""
+    if text is None:
         return None
+    if not text.strip():
+        raise SplitError("input shape is empty; give it like 224x224x3")
     try:
         shape = tuple(int(d) for d in re.split(r"[x,\s]+", text.strip()) if d)
     except ValueError:
         raise SplitError(f"input shape {text!r} is not a list of integers like 224x224x3") from None
     if not shape or any(d <= 0 for d in shape):
         raise SplitError(f"input shape {text!r} must have positive dimensions")
+    if np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
+        raise SplitError(f"input shape {text!r} is too large: more than 2**31 elements per sample")
     return shape
 
 
@@ -70,10 +76,36 @@ def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed:
     except Exception as exc:  # keras raises many types for a bad archive; one line is what the user needs
         raise SplitError(f"cannot load {spec}: {_first_line(exc)}") from None
     if input_shape is not None:
-        declared = tuple(model.inputs[0].shape[1:])
-        if len(declared) != len(input_shape) or any(d is not None and d != s for d, s in zip(declared, input_shape)):
-            raise SplitError(f"{spec} takes inputs of shape {declared}, not {tuple(input_shape)}")
+        model = _at_input_shape(model, tuple(input_shape), spec)
     return model
+
+
+def _at_input_shape(model: keras.Model, shape: tuple[int, ...], spec: str) -> keras.Model:
+    """The model with its input fixed to `shape`: itself if it already is, else rebuilt from its config at that
+    shape with the same weights (a model saved with free dimensions, e.g. (None, None, 3))."""
+    inputs = list(getattr(model, "inputs", None) or [])
+    if len(inputs) != 1:
+        raise SplitError(f"--input-shape sets the shape of a single input; {spec} has {len(inputs)} inputs")
+    declared = tuple(inputs[0].shape[1:])
+    if len(declared) != len(shape) or any(d is not None and d != s for d, s in zip(declared, shape)):
+        raise SplitError(f"{spec} takes inputs of shape {declared}, not {shape}")
+    if None not in declared:
+        return model
+    serialized = keras.saving.serialize_keras_object(model)
+    input_name = inputs[0]._keras_history.operation.name
+    input_layers = [
+        layer for layer in serialized.get("config", {}).get("layers", [])
+        if layer.get("class_name") == "InputLayer" and layer.get("config", {}).get("name") == input_name
+    ]
+    if len(input_layers) != 1:
+        raise SplitError(f"cannot fix the free input dimensions of {spec} ({declared}); save it at a fixed shape")
+    input_layers[0]["config"]["batch_shape"] = [None, *shape]
+    try:
+        fixed = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
+        fixed.set_weights(model.get_weights())
+    except Exception as exc:  # noqa: BLE001 - a layer that cannot take this shape; one line is what the user needs
+        raise SplitError(f"cannot build {spec} with input shape {shape}: {_first_line(exc)}") from None
+    return fixed
 
 
 @contextlib.contextmanager
@@ -91,16 +123,41 @@ def _fresh_auto_names():
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    return error_line(exc)
 
 
 def _input_name(tensor: str) -> str:
     return "in_" + re.sub(r"[^A-Za-z0-9_]", "_", tensor)
 
 
+@contextlib.contextmanager
+def _auto_names_clear_of(names):
+    """Keras names the ops it makes on its own (a layer's compute_mask: `not_equal`, `not_equal_1`) from a process-wide
+    counter, which knows nothing of the names a loaded model already uses; a part holding both would be refused
+    ("the name ... is used 2 times"). Move the counters past every name in `names` while a part is built."""
+    from keras.src.backend.common import global_state
+
+    saved = global_state.get_global_attribute("object_name_uids")
+    uids = collections.defaultdict(int, saved or {})
+    for name in names:
+        uids[name] = max(uids[name], 1)
+        m = re.fullmatch(r"(.+)_(\d+)", name)
+        if m:
+            uids[m.group(1)] = max(uids[m.group(1)], int(m.group(2)) + 1)
+    global_state.set_global_attribute("object_name_uids", uids)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("object_name_uids", saved)
+
+
 def build_part(graph: ModelGraph, spec: PartSpec) -> keras.Model:
     """Replay the part's nodes on fresh Inputs, reusing the original operations (and so their weights)."""
+    with _auto_names_clear_of(graph.operation_names):
+        return _build_part(graph, spec)
+
+
+def _build_part(graph: ModelGraph, spec: PartSpec) -> keras.Model:
     new: dict[str, object] = {}
     inputs = []
     for t in spec.inputs:
@@ -108,14 +165,28 @@ def build_part(graph: ModelGraph, spec: PartSpec) -> keras.Model:
         x = keras.Input(batch_shape=info.shape, dtype=info.dtype, name=_input_name(t))
         new[t] = x
         inputs.append(x)
+    # A part input carries no Keras mask; the layers that read one get the input with its mask put back on.
+    masked: dict[str, object] = {}
+    for t in spec.inputs:
+        mask = graph.tensors[t].mask
+        if mask in new and any(mask in graph.nodes[n].masks for n in spec.nodes):
+            masked[t] = RestoreMask(name=f"{_input_name(t)}_mask")(new[t], mask=new[mask])
     for n in spec.nodes:
         node = graph.nodes[n]
         knode = node.keras_node
-        bound = {id(kt): new[name] for kt, name in zip(knode.arguments.keras_tensors, node.inputs)}
+        bound = {
+            id(kt): masked[name] if name in masked and graph.tensors[name].mask in node.masks else new[name]
+            for kt, name in zip(knode.arguments.keras_tensors, node.inputs)
+        }
         args, kwargs = knode.arguments.fill_in(bound)
         flat = tree.flatten(node.operation(*args, **kwargs))
-        for name, value in zip(node.outputs, flat):
+        for name, value in zip(node.results, flat):
             new[name] = value
+            mask = graph.tensors[name].mask
+            if mask is not None:
+                new[mask] = getattr(value, "_keras_mask", None)
+                if new[mask] is None:
+                    raise SplitError(f"{name} lost its Keras mask when part {spec.name} was rebuilt")
     return keras.Model(inputs, [new[t] for t in spec.outputs], name=spec.name)
 
 
@@ -186,6 +257,8 @@ def load_part_model(path: Path, expected_sha256: str | None = None) -> keras.Mod
     path = Path(path)
     if not path.exists():
         raise SplitError(f"part file missing: {path}")
+    if not path.is_file():
+        raise SplitError(f"part file {path} is not a file")
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise SplitError(f"part file {path} does not match the manifest's sha256")
     try:
@@ -244,8 +317,8 @@ def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[st
 
 def full_model_outputs(model: keras.Model, manifest: Manifest, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The unsplit model's outputs on the same inputs, keyed by the manifest's final tensor names."""
-    xs = [inputs[t.name] for t in manifest.inputs]
-    result = model(xs if len(xs) > 1 else xs[0], training=False)
+    xs = ModelGraph(model).model_inputs([inputs[t.name] for t in manifest.inputs])
+    result = model(xs, training=False)
     flat = tree.flatten(result)
     return {t.name: np.asarray(v) for t, v in zip(manifest.outputs, flat)}
 
@@ -256,6 +329,22 @@ def tensor_error(got: np.ndarray, ref: np.ndarray) -> float:
         return 0.0
     diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
     return diff / max(1.0, float(np.max(np.abs(ref))))
+
+
+class _SourceCall:
+    """The source model called as a whole, compiled like the parts, its flat outputs named as the manifest's."""
+
+    def __init__(self, graph: ModelGraph, output_names: Sequence[str]):
+        import tensorflow as tf
+
+        model = graph.model
+        self.input_names = list(graph.inputs)
+        self.output_names = list(output_names)
+        self._fn = tf.function(lambda xs: tree.flatten(model(graph.model_inputs(xs), training=False)))
+
+    def __call__(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self._fn([tensors[t] for t in self.input_names])
+        return {name: np.asarray(o) for name, o in zip(self.output_names, outs)}
 
 
 def verify_split(directory: Path, samples: int = 2, seed: int = 0, batch: int = 1) -> dict:
@@ -280,16 +369,34 @@ def verify_split(directory: Path, samples: int = 2, seed: int = 0, batch: int = 
     unknown = [t for t in handed_over + graph.inputs if t not in graph.tensors]
     if unknown or [t.name for t in manifest.inputs] != graph.inputs:
         raise SplitError(f"manifest names tensor {unknown[:1] or manifest.inputs[0].name!r} the source model lacks")
+    missing = [t for t in manifest.output_names if t not in handed_over]
+    if missing:
+        raise SplitError(f"no part produces the final output {missing[0]!r}")
     probe_spec = PartSpec("probe", graph.compute_nodes, graph.inputs, handed_over)
     reference = CompiledPart(build_part(graph, probe_spec), graph.inputs, handed_over)
+    whole = _SourceCall(graph, manifest.output_names)
     finals = set(manifest.output_names)
     errors = {t: 0.0 for t in handed_over}
     spread = {t: 0.0 for t in manifest.output_names}
     previous: dict[str, np.ndarray] = {}
     for s in range(samples):
         inputs = random_inputs(manifest.inputs, batch, seed + s)
-        got = run_parts(parts, inputs)
-        want = reference(inputs)
+        try:
+            got = run_parts(parts, inputs)
+            want = reference(inputs)
+            whole_outputs = whole(inputs)
+        except SplitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model that cannot run on these inputs; say why in one line
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+            free = any(d is None for t in manifest.inputs for d in t.shape[1:])
+            hint = " (its inputs have free dimensions, filled with 1: split it with --input-shape)" if free else ""
+            raise SplitError(f"cannot run the split on random inputs {shapes}{hint}: {error_line(exc)}") from None
+        # The final outputs also against the source model's own call, not only against our replay of its graph.
+        for name, ref in whole_outputs.items():
+            if got[name].shape != ref.shape:
+                raise SplitError(f"{name!r} has shape {got[name].shape}, the full model gives {ref.shape}")
+            errors[name] = max(errors[name], tensor_error(got[name], ref))
         for name, ref in want.items():
             if name not in got:
                 raise SplitError(f"no part produces {name!r}")
@@ -297,7 +404,8 @@ def verify_split(directory: Path, samples: int = 2, seed: int = 0, batch: int = 
                 raise SplitError(f"{name!r} has shape {got[name].shape}, the full model gives {ref.shape}")
             errors[name] = max(errors[name], tensor_error(got[name], ref))
             if name in finals and name in previous:
-                spread[name] = max(spread[name], float(np.max(np.abs(previous[name] - ref), initial=0.0)))
+                diff = previous[name].astype(np.float64) - ref.astype(np.float64)
+                spread[name] = max(spread[name], float(np.max(np.abs(diff), initial=0.0)))
             previous[name] = ref
     return {
         "split_id": manifest.split_id,

@@ -5,12 +5,19 @@ A node is named after its operation (`conv`), a second call of the same operatio
 `conv@1`, and a node inside a nested model is prefixed with the nested model's node name (`backbone/conv`).
 Every tensor is named `<node>:<output index>`; the names depend only on the model's structure, so they are
 the same in every process that builds or loads the same model.
+
+Keras masks (`Embedding(mask_zero=True)`, `Masking`) ride on tensors as attributes, and layers read them
+without taking them as arguments (MultiHeadAttention, Add/Maximum/Multiply, every layer passing a mask on).
+A part input is a fresh `keras.Input` without a mask, so the mask of output i of node `emb` is a tensor of
+its own, `emb:mask<i>`: produced with the tensor it masks, and an input of every layer consuming that tensor.
+A part taking the tensor takes the mask too and puts it back on (`build.RestoreMask`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -32,6 +39,7 @@ class TensorInfo:
     dtype: str
     producer: str  # node name
     consumers: list[str] = field(default_factory=list)
+    mask: str | None = None  # the tensor holding its Keras mask (`emb:mask0` for `emb:0`), if it carries one
 
     def nbytes(self, batch: int = 1) -> int:
         """Bytes of this tensor for `batch` samples (unknown non-batch dims count as 1)."""
@@ -47,18 +55,87 @@ class GraphNode:
     name: str
     op_type: str
     inputs: list[str]  # tensor names, in the order of the call's flattened tensor arguments
-    outputs: list[str]
+    outputs: list[str]  # the call's flattened results `name:<i>`, then the Keras masks on them (`mask_outputs`)
     is_input: bool = False
     keras_node: object = field(default=None, repr=False, compare=False)
     operation: object = field(default=None, repr=False, compare=False)
+    masks: list[str] = field(default_factory=list)  # masks its (layer) call reads off its argument tensors
+    mask_outputs: list[str] = field(default_factory=list)  # masks Keras puts on its results: `name:mask<i>`
 
     @property
     def unique_inputs(self) -> list[str]:
-        return list(dict.fromkeys(self.inputs))
+        """Every tensor the node depends on: its arguments, then the masks they carry."""
+        return list(dict.fromkeys(self.inputs + self.masks))
+
+    @property
+    def results(self) -> list[str]:
+        """The tensors its call returns, in order (its outputs without the masks)."""
+        return [t for t in self.outputs if t not in self.mask_outputs]
 
 
 def _tensor_dtype(kt) -> str:
-    return str(np.dtype(keras.backend.standardize_dtype(kt.dtype)))
+    name = keras.backend.standardize_dtype(kt.dtype)
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf":
+        raise SplitError(
+            f"tensor {getattr(kt, 'name', kt)!r} has dtype {name}: only numeric and bool tensors can be handed "
+            "between parts (do string preprocessing outside the model)"
+        )
+    return str(dtype)
+
+
+@keras.saving.register_keras_serializable(package="splitinfer")
+class RestoreMask(keras.layers.Layer):
+    """Puts a Keras mask, held by a tensor of its own, back on the tensor it belongs to (an identity otherwise).
+
+    A part input is a fresh `keras.Input`, which carries no mask, and a nested model puts the mask it is called
+    with on its inputs; layers that read their input's mask (MultiHeadAttention, Add/Maximum/Multiply, every
+    layer passing a mask on) would otherwise run unmasked once the model is cut or flattened.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, mask=None):
+        return keras.ops.copy(inputs)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+
+def inference_call(node: "GraphNode", values) -> list:
+    """Call a node's operation on `values` (its argument tensors, in `node.inputs` order) as a Keras Functional
+    model called with training=False does: that overrides a `training=True` the call was recorded with
+    (e.g. Monte-Carlo dropout), since `model(x, training=False)` is what the parts and the source run."""
+    knode = node.keras_node
+    bound = {id(kt): v for kt, v in zip(knode.arguments.keras_tensors, values)}
+    args, kwargs = knode.arguments.fill_in(bound)
+    if "training" in getattr(node.operation, "_call_context_args", ()):
+        kwargs["training"] = False
+    return tree.flatten(node.operation(*args, **kwargs))
+
+
+def error_line(exc: BaseException) -> str:
+    """The line of an exception's message that says what went wrong. Keras marks it in bold inside its report
+    ("Exception encountered when calling ..."), TF puts it after the user-code stack of a traced function."""
+    text = str(exc)
+    bold = re.search(r"\x1b\[1m(.*?)\x1b\[0m", text, re.S)
+    if bold and bold.group(1).strip():
+        return bold.group(1).strip().splitlines()[0][:300]
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
+    if lines and lines[0].startswith("in user code:"):
+        errors = [m.group(2) for m in map(_ERROR_LINE.match, lines) if m and "Exception encountered" not in m.group(2)]
+        if errors:
+            return errors[-1][:300]
+    return (lines or [type(exc).__name__])[0][:300]
+
+
+_ERROR_LINE = re.compile(r"^(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 
 
 def _functional_of(op):
@@ -101,7 +178,10 @@ class ModelGraph:
         self.output_keys: list[str] | None = (
             sorted(outputs_struct.keys()) if isinstance(outputs_struct, dict) else None
         )
+        self._masked = False
         self.outputs: list[str] = self._expand(functional, "", mapping)
+        if self._masked:
+            self._add_masks()
         self._link()
 
     # -- construction -------------------------------------------------------------------------
@@ -125,16 +205,38 @@ class ModelGraph:
         for knode in self._topological_knodes(out_kts, mapping):
             op = knode.operation
             arg_names = [mapping[id(kt)] for kt in knode.arguments.keras_tensors]
+            if not self._masked and any(
+                getattr(kt, "_keras_mask", None) is not None for kt in [*knode.arguments.keras_tensors, *knode.outputs]
+            ):
+                self._masked = True
             inner = _functional_of(op)
             if inner is not None:
                 sub_prefix = self._unique(prefix + op.name) + "/"
                 inner_inputs = tree.flatten(inner._inputs_struct)
-                if len(inner_inputs) != len(arg_names):
+                call_inputs, call_masks = self._nested_call_tensors(knode, op, mapping)
+                if len(inner_inputs) != len(call_inputs):
                     raise SplitError(
-                        f"nested model {op.name!r} called with {len(arg_names)} tensors "
+                        f"nested model {op.name!r} called with {len(call_inputs)} tensors "
                         f"but has {len(inner_inputs)} inputs"
                     )
-                inner_map = {id(kt): n for kt, n in zip(inner_inputs, arg_names)}
+                inner_names = []
+                for inner_kt, kt, mask in zip(inner_inputs, call_inputs, call_masks):
+                    if mask is None:
+                        inner_names.append(mapping[id(kt)])
+                        continue
+                    # The nested model puts the mask it is called with on its input (Functional.call); replay
+                    # that as a node of its own, so the layers inside see it wherever the model is cut.
+                    node_name = self._unique(sub_prefix + inner_kt._keras_history.operation.name)
+                    holder = RestoreMask(name=re.sub(r"\W", "_", node_name) + "_mask")
+                    masked = holder(kt, mask=mask)
+                    self._add_node(
+                        GraphNode(node_name, "RestoreMask", [mapping[id(kt)], mapping[id(mask)]], [f"{node_name}:0"],
+                                  keras_node=holder._inbound_nodes[-1], operation=holder),
+                        [masked],
+                    )
+                    inner_names.append(f"{node_name}:0")
+                    self._masked = True
+                inner_map = {id(kt): n for kt, n in zip(inner_inputs, inner_names)}
                 inner_outs = self._expand(inner, sub_prefix, inner_map)
                 for kt, n in zip(knode.outputs, inner_outs):
                     mapping[id(kt)] = n
@@ -148,6 +250,27 @@ class ModelGraph:
             for kt, n in zip(knode.outputs, out_names):
                 mapping[id(kt)] = n
         return [mapping[id(kt)] for kt in out_kts]
+
+    @staticmethod
+    def _nested_call_tensors(knode, op, mapping) -> tuple[list, list]:
+        """The tensors a nested model was called on, and the mask given for each (None where there is none)."""
+        args, kwargs = knode.arguments.args, knode.arguments.kwargs
+        inputs = args[0] if args else kwargs.get("inputs")
+        flat = [kt for kt in tree.flatten(inputs) if isinstance(kt, keras.KerasTensor)]
+        masks: list = [None] * len(flat)
+        given = kwargs.get("mask")
+        if given is not None:
+            flat_masks = tree.flatten(given)
+            if len(flat_masks) == len(flat):
+                masks = [m if isinstance(m, keras.KerasTensor) else None for m in flat_masks]
+        used = {id(kt) for kt in flat} | {id(m) for m in masks if m is not None}
+        other = [kt for kt in knode.arguments.keras_tensors if id(kt) not in used]
+        if other:
+            raise SplitError(
+                f"nested model {op.name!r} is called with tensor {mapping.get(id(other[0]), other[0].name)!r} besides "
+                "its inputs and their masks; such a call cannot be flattened"
+            )
+        return flat, masks
 
     @staticmethod
     def _topological_knodes(out_kts, mapping: dict[int, str]):
@@ -177,6 +300,58 @@ class ModelGraph:
                     stack.append((arg, False))
         return order
 
+    def _add_masks(self) -> None:
+        """Find which layer reads which Keras mask, and add each mask read as a tensor `node:mask<i>`.
+
+        Masks are runtime attributes of tensors with runtime semantics (MultiHeadAttention clears the masks of
+        its inputs, so an Add after it sees none), which a symbolic build does not show. So the flattened graph
+        is traced once in a tf.function, as it runs, and a layer depends on the mask of an argument exactly when
+        that argument carries one as the layer is called.
+        """
+        import tensorflow as tf
+
+        reads: dict[str, list[str]] = {}
+        produced: dict[str, tuple[int, object]] = {}
+
+        def trace(*xs):
+            values = dict(zip(self.inputs, xs))
+            for node in self.nodes.values():
+                if node.is_input:
+                    continue
+                if isinstance(node.operation, keras.layers.Layer) and not isinstance(node.operation, RestoreMask):
+                    seen = [t for t in dict.fromkeys(node.inputs)
+                            if getattr(values[t], "_keras_mask", None) is not None]
+                    if seen:
+                        reads[node.name] = seen
+                result = inference_call(node, [values[t] for t in node.inputs])
+                for i, (t, value) in enumerate(zip(node.results, result)):
+                    values[t] = value
+                    mask = getattr(value, "_keras_mask", None)
+                    if mask is not None:
+                        produced[t] = (i, mask)
+            return []
+
+        specs = [tf.TensorSpec(self.tensors[t].shape, self.tensors[t].dtype) for t in self.inputs]
+        try:
+            tf.function(trace, autograph=False).get_concrete_function(*specs)
+        except Exception as exc:  # noqa: BLE001 - a model Keras can build but not trace; name it in one line
+            raise SplitError(f"cannot trace {self.model.name} to find its Keras masks: {error_line(exc)}") from None
+        for name, tensors in reads.items():
+            node = self.nodes[name]
+            for t in tensors:
+                if t not in produced:
+                    continue
+                info = self.tensors[t]
+                if info.mask is None:
+                    i, mask = produced[t]
+                    info.mask = f"{info.producer}:mask{i}"
+                    self.nodes[info.producer].mask_outputs.append(info.mask)
+                    self.nodes[info.producer].outputs.append(info.mask)
+                    self.tensors[info.mask] = TensorInfo(
+                        info.mask, tuple(mask.shape.as_list()), _tensor_dtype(mask), info.producer
+                    )
+                node.masks.append(info.mask)
+
     def _link(self) -> None:
         for node in self.nodes.values():
             for t in node.unique_inputs:
@@ -195,6 +370,11 @@ class ModelGraph:
     @property
     def compute_nodes(self) -> list[str]:
         return [n for n, node in self.nodes.items() if not node.is_input]
+
+    @cached_property
+    def operation_names(self) -> frozenset[str]:
+        """The Keras names of every operation in the graph (nested models' own included)."""
+        return frozenset(str(node.operation.name) for node in self.nodes.values() if node.operation is not None)
 
     @property
     def input_nodes(self) -> list[str]:
@@ -234,8 +414,9 @@ class ModelGraph:
     def cut_points(self) -> list[str]:
         """Tensors that are, alone, everything live between the part before them and the part after.
 
-        Each one's producer and ancestors form a prefix containing every model input; no other
-        tensor crosses from that prefix to the rest, and the rest still has compute to do.
+        Each one's producer and ancestors, with every model input, form a prefix from which no other
+        tensor crosses to the rest (so no model input is needed after it either; an input nothing
+        consumes does not count), and the rest still has compute to do.
         """
         all_inputs = self.mask_of(self.input_nodes)
         full = (1 << len(self.order)) - 1
@@ -244,8 +425,8 @@ class ModelGraph:
             node = self.nodes[name]
             if node.is_input:
                 continue
-            prefix = self.ancestor_masks[self.index[name]]
-            if prefix & all_inputs != all_inputs or prefix == full:
+            prefix = self.ancestor_masks[self.index[name]] | all_inputs
+            if prefix == full:
                 continue
             rest = full & ~prefix
             if not any(not self.nodes[n].is_input for n in self.names_in(rest)):
@@ -254,6 +435,11 @@ class ModelGraph:
             if len(crossing) == 1 and crossing[0] in node.outputs:
                 points.append(crossing[0])
         return points
+
+    def model_inputs(self, values):
+        """`values` (one per `self.inputs`, in order) in the structure the model is called with: a single tensor,
+        a list, or a dict keyed as the model's inputs."""
+        return tree.pack_sequence_as(_functional_of(self.model)._inputs_struct, list(values))
 
     def tensor(self, name: str) -> TensorInfo:
         try:

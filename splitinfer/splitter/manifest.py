@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 MANIFEST_FORMAT = "splitinfer.manifest"
 MANIFEST_VERSION = 1
@@ -77,13 +77,30 @@ class Manifest(BaseModel):
             path = path / MANIFEST_FILE
         if not path.exists():
             raise SplitError(f"no manifest at {path}")
+        if not path.is_file():
+            raise SplitError(f"manifest {path} is not a file")
         try:
-            manifest = cls.model_validate_json(path.read_bytes())
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SplitError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+        try:
+            manifest = cls.model_validate_json(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise SplitError(f"invalid manifest {path}: {where + ': ' if where else ''}{first['msg']}{more}") from None
         except ValueError as exc:
-            first = str(exc).splitlines()[0]
-            raise SplitError(f"invalid manifest {path}: {first}") from None
+            raise SplitError(f"invalid manifest {path}: {str(exc).splitlines()[0][:300]}") from None
         if manifest.format != MANIFEST_FORMAT or manifest.version != MANIFEST_VERSION:
             raise SplitError(f"{path} is {manifest.format} v{manifest.version}, expected {MANIFEST_FORMAT} v{MANIFEST_VERSION}")
+        files = [p.file for p in manifest.parts] + ([manifest.source.file] if manifest.source.file else [])
+        bad = [f for f in files if not f or f != Path(f).name or f in (".", "..")]
+        if bad:
+            raise SplitError(
+                f"invalid manifest {path}: file {bad[0]!r} is not a plain file name in the split directory"
+            )
         return manifest
 
 

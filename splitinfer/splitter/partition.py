@@ -33,6 +33,15 @@ def _finish(graph: ModelGraph, groups: list[list[str]]) -> list[PartSpec]:
                 if t in finals or any(owner.get(c) != i for c in info.consumers):
                     outputs[t] = None
         parts.append(PartSpec(f"part{i}", list(nodes), list(inputs), list(outputs)))
+    # A model input that is also a final output is handed on by the first part taking it (part0 if none does),
+    # so every final output comes out of some part.
+    for t in dict.fromkeys(graph.outputs):
+        if graph.nodes[graph.tensors[t].producer].is_input and parts:
+            part = next((p for p in parts if t in p.inputs), parts[0])
+            if t not in part.inputs:
+                part.inputs.append(t)
+            if t not in part.outputs:
+                part.outputs.append(t)
     return parts
 
 
@@ -92,10 +101,11 @@ def split_at_cuts(graph: ModelGraph, frontiers: Sequence[str | Sequence[str]]) -
             raise SplitError("empty cut")
         label = "+".join(tensors)
         prefix = inputs_mask
-        for t in tensors:
-            info = graph.tensor(t)
-            if graph.nodes[info.producer].is_input:
-                raise SplitError(f"tensor {t!r} is a model input; a cut must come after an operation")
+        infos = [graph.tensor(t) for t in tensors]
+        if all(graph.nodes[info.producer].is_input for info in infos):
+            # A model input may be live across a cut (joined with +), but cannot be the cut on its own.
+            raise SplitError(f"tensor {tensors[0]!r} is a model input; a cut must come after an operation")
+        for info in infos:
             prefix |= graph.ancestor_masks[graph.index[info.producer]]
         crossing = graph.crossing(prefix)
         extra = [t for t in crossing if t not in tensors]

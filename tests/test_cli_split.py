@@ -95,6 +95,9 @@ def test_split_a_keras_file_with_a_custom_input_shape(tmp_path):
         (["split", SMALL, "--parts", "2", "--input-shape", "2x2x3", "-o", "{tmp}/o"], ["cannot build"]),
         (["split", SMALL, "--parts", "2", "--input-shape", "abc", "-o", "{tmp}/o"], ["input shape"]),
         (["verify", "{tmp}/nowhere"], ["no manifest"]),
+        # a malformed command line is one line too, not Typer's usage box
+        (["split", SMALL, "--parts", "two", "-o", "{tmp}/o"], ["--parts", "valid integer", "--help"]),
+        (["splitt", SMALL], ["No such command", "splitt"]),
         (["cuts", "missing.keras"], ["model file not found"]),
         (["cuts", "{tmp}"], ["is not a .keras file"]),
         (["split", SMALL, "--parts", "0", "-o", "{tmp}/o"], ["--parts must be at least 1"]),

@@ -66,7 +66,27 @@ def user_errors(fn):
 
 
 def main() -> None:
-    app(prog_name="splitinfer")
+    """Run the CLI; a malformed command line (unknown command or option, `--parts two`) is one line too.
+
+    Typer's usage errors are Click exceptions (vendored by recent Typer, so not importable as `click`): they are
+    recognised by what they carry, a `format_message()` and an `exit_code`."""
+    try:
+        code = app(prog_name="splitinfer", standalone_mode=False)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        if not exc.format_message().strip():  # `splitinfer` alone: the help was printed
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

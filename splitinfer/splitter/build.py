@@ -268,7 +268,11 @@ def load_part_model(path: Path, expected_sha256: str | None = None) -> keras.Mod
 
 
 class CompiledPart:
-    """A part as one traced tf.function: the way servers run parts (eager per call is ~10x slower)."""
+    """A part as one traced tf.function: the way servers run parts (eager per call is ~10x slower).
+
+    Called through its concrete function, traced once for the model's input specs with a free batch dimension:
+    that skips tf.function's per-call argument matching (about 0.4 ms of a 5 ms part here). Inputs the concrete
+    function refuses (another dtype or rank) go through the polymorphic function, which traces for them."""
 
     def __init__(self, model: keras.Model, input_names: Sequence[str], output_names: Sequence[str]):
         import tensorflow as tf
@@ -277,6 +281,13 @@ class CompiledPart:
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self._fn = tf.function(lambda xs: model(xs, training=False), reduce_retracing=True)
+        self._concrete = None
+        try:
+            specs = [tf.TensorSpec([None, *kt.shape[1:]] if kt.shape and kt.shape[0] is None else kt.shape,
+                                   dtype=kt.dtype) for kt in model.inputs]
+            self._concrete = tf.function(lambda *xs: model(list(xs), training=False)).get_concrete_function(*specs)
+        except Exception:  # a model the signature cannot describe: the polymorphic function serves it
+            self._concrete = None
 
     @classmethod
     def from_entry(cls, directory: Path, entry: PartEntry) -> "CompiledPart":
@@ -287,7 +298,15 @@ class CompiledPart:
         missing = [t for t in self.input_names if t not in tensors]
         if missing:
             raise SplitError(f"part {self.model.name} is missing input {missing[0]!r}")
-        outs = self._fn([tensors[t] for t in self.input_names])
+        xs = [tensors[t] for t in self.input_names]
+        outs = None
+        if self._concrete is not None:
+            try:
+                outs = self._concrete(*xs)
+            except (TypeError, ValueError):
+                outs = None
+        if outs is None:
+            outs = self._fn(xs)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         return {name: np.asarray(o) for name, o in zip(self.output_names, outs)}
 

@@ -205,15 +205,22 @@ def test_balanced_cuts_minimise_the_largest_part():
     specs = split_at_cuts(graph, cuts)
     part_costs = [sum(costs[n] for n in s.nodes) for s in specs]
     assert len(specs) == 4 and abs(sum(part_costs) - total) < 1e-6
-    # No single cut point moved can do better than the DP's answer: compare with brute force on 3 parts.
+    # Brute force on 3 parts: with no slack the DP's largest part is the best possible; with slack, it stays
+    # within it and no other pair of cuts that does hands over fewer bytes.
     points = graph.cut_points()
-    best = min(
-        max(sum(costs[n] for n in s.nodes) for s in split_at_cuts(graph, [points[i], points[j]]))
-        for i in range(len(points))
-        for j in range(i + 1, len(points))
-    )
-    got = max(sum(costs[n] for n in s.nodes) for s in split_at_cuts(graph, balanced_cuts(graph, costs, 3)))
-    assert got == pytest.approx(best)
+
+    def peak(cuts):
+        return max(sum(costs[n] for n in s.nodes) for s in split_at_cuts(graph, cuts))
+
+    def nbytes(cuts):
+        return sum(graph.tensors[t].nbytes() for t in cuts)
+
+    pairs = [[points[i], points[j]] for i in range(len(points)) for j in range(i + 1, len(points))]
+    best = min(peak(p) for p in pairs)
+    assert peak(balanced_cuts(graph, costs, 3, slack=0.0)) == pytest.approx(best)
+    got = balanced_cuts(graph, costs, 3, slack=0.2)
+    assert peak(got) <= 1.2 * best + 1e-6
+    assert nbytes(got) == min(nbytes(p) for p in pairs if peak(p) <= 1.2 * best + 1e-6)
     assert max(part_costs) < 0.5 * total
 
 

@@ -49,7 +49,7 @@ def _parse_partition(path: Path) -> dict[str, str]:
 def split(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
-    parts: Optional[int] = typer.Option(None, "--parts", "-n", help="number of parts, balanced by FLOPs"),
+    parts: Optional[int] = typer.Option(None, "--parts", "-n", help="number of parts, balanced by FLOPs (within 5%, then the fewest bytes at the cuts)"),
     cuts: Optional[str] = typer.Option(
         None, "--cuts", help="cut tensors, comma separated; join tensors that must be cut together with +"
     ),

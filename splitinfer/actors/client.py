@@ -299,30 +299,29 @@ class Client(Actor):
                               max_plans=max_plans, client_site=client_site)
         except ValueError as exc:
             raise ClientError(f"bad deploy request: {str(exc).splitlines()[0]}") from None
-        wait = timeout or self.settings.deploy_timeout_s + 30
-        try:
-            r = await self.rpc(Names.OPTIMIZER_DEPLOY, req, timeout=wait)
-        except aio_pika.exceptions.PublishError:
-            raise ClientError("no optimizer is running (start the cluster with `splitinfer up`)") from None
-        except asyncio.TimeoutError:
-            raise ClientError(f"the optimizer did not answer within {wait:.0f}s") from None
-        if not isinstance(r, Reply) or not r.ok:
-            raise ClientError(f"deploy of {name} failed: {getattr(r, 'message', r)}")
+        r = await self._ask_optimizer(Names.OPTIMIZER_DEPLOY, req, f"deploy of {name}",
+                                      timeout or self.settings.deploy_timeout_s + 30)
         self._manifests.pop(name, None)
         return {"name": name, **r.data}
 
     async def undeploy(self, name: str, timeout: float = 120.0) -> str:
         """Unload every plan of a model deployment and delete it from the pool."""
+        r = await self._ask_optimizer(Names.OPTIMIZER_UNDEPLOY, DeleteDeployment(deployment=name),
+                                      f"undeploy of {name}", timeout)
+        self._manifests.pop(name, None)
+        return r.message
+
+    async def _ask_optimizer(self, key: str, msg, what: str, timeout: float) -> Reply:
+        """The optimizer's Reply, or ClientError saying why there is none or what failed."""
         try:
-            r = await self.rpc(Names.OPTIMIZER_UNDEPLOY, DeleteDeployment(deployment=name), timeout=timeout)
+            r = await self.rpc(key, msg, timeout=timeout)
         except aio_pika.exceptions.PublishError:
             raise ClientError("no optimizer is running (start the cluster with `splitinfer up`)") from None
         except asyncio.TimeoutError:
             raise ClientError(f"the optimizer did not answer within {timeout:.0f}s") from None
         if not isinstance(r, Reply) or not r.ok:
-            raise ClientError(f"undeploy of {name} failed: {getattr(r, 'message', r)}")
-        self._manifests.pop(name, None)
-        return r.message
+            raise ClientError(f"{what} failed: {getattr(r, 'message', r)}")
+        return r
 
     async def wait_for_servers(self, n: int, timeout: float = 60.0) -> list[ActorInfo]:
         """Wait until at least n model servers are alive (registered with the registry)."""

@@ -8,21 +8,23 @@ memory bandwidth of a large element-wise pass, and the fixed cost of one compile
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from splitinfer.monitor.document import VersionedDocument
 from splitinfer.monitor.machine import MachineInfo
 
 CALIBRATION_FORMAT = "splitinfer.calibration"
 CALIBRATION_VERSION = 1
 
 
-class Calibration(BaseModel):
+class Calibration(VersionedDocument):
+    FORMAT: ClassVar[str] = CALIBRATION_FORMAT
+    VERSION: ClassVar[int] = CALIBRATION_VERSION
     format: str = CALIBRATION_FORMAT
     version: int = CALIBRATION_VERSION
     machine: MachineInfo
@@ -39,18 +41,6 @@ class Calibration(BaseModel):
         """The compute rate that scales an operation of this kind (`other` ops scale like convolutions)."""
         return self.dense_gflops if kind == "dense" else self.conv_gflops
 
-    def save(self, path: Path) -> Path:
-        from splitinfer.monitor.cache import write_atomic
-
-        write_atomic(Path(path), self.model_dump_json(indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: Path) -> "Calibration":
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != CALIBRATION_FORMAT or data.get("version") != CALIBRATION_VERSION:
-            raise ValueError(f"{path} is not a {CALIBRATION_FORMAT} v{CALIBRATION_VERSION} file")
-        return cls.model_validate(data)
 
 
 def calibrate(rounds: int = 30, progress: Callable[[str, int, int], None] | None = None,

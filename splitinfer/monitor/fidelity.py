@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from splitinfer.monitor.document import VersionedDocument
 from splitinfer.messages import CODECS, MessageError, compress_array, decompress_array
 
 if TYPE_CHECKING:  # TF loads only when measuring
@@ -54,8 +54,10 @@ class CompressionEntry(BaseModel):
         "all-zero tensor); 1 when float16 flushes tiny activations to zero, which the final outputs may not show")
 
 
-class CompressionProfile(BaseModel):
+class CompressionProfile(VersionedDocument):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    FORMAT: ClassVar[str] = COMPRESSION_FORMAT
+    VERSION: ClassVar[int] = COMPRESSION_VERSION
 
     format: str = COMPRESSION_FORMAT
     version: int = COMPRESSION_VERSION
@@ -104,29 +106,6 @@ class CompressionProfile(BaseModel):
 
     # -- files --------------------------------------------------------------------------------
 
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=1)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "CompressionProfile":
-        data = json.loads(text)  # Python's json reads the Infinity / NaN an unbounded error is written as
-        if not isinstance(data, dict) or data.get("format") != COMPRESSION_FORMAT \
-                or data.get("version") != COMPRESSION_VERSION:
-            raise ValueError(f"not a {COMPRESSION_FORMAT} v{COMPRESSION_VERSION} document")
-        return cls.model_validate(data)
-
-    def save(self, path: Path) -> Path:
-        from splitinfer.monitor.cache import write_atomic
-
-        write_atomic(Path(path), self.to_json())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: Path) -> "CompressionProfile":
-        try:
-            return cls.from_json(Path(path).read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -31,14 +31,14 @@ whole segments is predicted from measurements, and a cut inside a segment only r
 from __future__ import annotations
 
 import datetime as _dt
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from splitinfer.monitor.document import VersionedDocument
 from splitinfer.monitor.machine import MachineInfo
 
 PROFILE_FORMAT = "splitinfer.profile"
@@ -140,7 +140,9 @@ class Totals(BaseModel):
     segments: int
 
 
-class ModelProfile(BaseModel):
+class ModelProfile(VersionedDocument):
+    FORMAT: ClassVar[str] = PROFILE_FORMAT
+    VERSION: ClassVar[int] = PROFILE_VERSION
     format: str = PROFILE_FORMAT
     version: int = PROFILE_VERSION
     model: str
@@ -194,18 +196,6 @@ class ModelProfile(BaseModel):
 
     # -- files --------------------------------------------------------------------------------
 
-    def save(self, path: Path) -> Path:
-        from splitinfer.monitor.cache import write_atomic
-
-        write_atomic(Path(path), self.model_dump_json(indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: Path) -> "ModelProfile":
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != PROFILE_FORMAT or data.get("version") != PROFILE_VERSION:
-            raise ValueError(f"{path} is not a {PROFILE_FORMAT} v{PROFILE_VERSION} file")
-        return cls.model_validate(data)
 
 
 # -- building the profile -------------------------------------------------------------------------

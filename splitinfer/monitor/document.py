@@ -1,0 +1,40 @@
+"""One place for the monitor's JSON documents (profiles, calibrations, compression profiles): a `format` and a
+`version` field that loading checks, and an atomic save, so a cache never serves a file of another kind or age."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from pydantic import BaseModel
+
+D = TypeVar("D", bound="VersionedDocument")
+
+
+class VersionedDocument(BaseModel):
+    FORMAT: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    @classmethod
+    def from_json(cls: type[D], text: str | bytes) -> D:
+        data = json.loads(text)  # Python's json also reads the Infinity / NaN an unbounded error is written as
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT or data.get("version") != cls.VERSION:
+            raise ValueError(f"not a {cls.FORMAT} v{cls.VERSION} document")
+        return cls.model_validate(data)
+
+    def save(self, path: Path) -> Path:
+        from splitinfer.monitor.cache import write_atomic
+
+        write_atomic(Path(path), self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls: type[D], path: Path) -> D:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None

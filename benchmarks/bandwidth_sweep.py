@@ -1,6 +1,6 @@
 """Where to cut as the device's bandwidth changes: the planner's choice against every alternative, measured.
 
-    python benchmarks/bandwidth_sweep.py [--bandwidths 1,2,5,10,20,50,100] [--device-slowdown 4] [--edge-slowdown 2]
+    python benchmarks/bandwidth_sweep.py [--bandwidths 1,2,5,10,20,50,100] [--device-slowdown 10] [--edge-slowdown 3]
                                          [--remotes cloud,edge] [--reps 3] [--plot sweep.png] [--json]
 
 MobileNetV3Large runs on three emulated sites on this machine: a device (its server's compute slowed by
@@ -186,8 +186,10 @@ async def run(args, console: Console) -> dict:
                             groups = {n: k for k, (_, nodes) in enumerate(alt.parts) for n in nodes}
                             await asyncio.to_thread(save_split, graph, split_by_groups(graph, groups), out, args.model)
                             splits[cut_key] = out
+                        # a name per alternative: the same split under its split id on other servers would only add
+                        # replicas to one deployment, and requests would hash across both placements
                         dep = await c.deploy(splits[cut_key], {f"part{k}": s for k, (s, _) in enumerate(alt.parts)},
-                                             timeout=600)
+                                             deployment=f"alt{i}", timeout=600)
                         alt.deployment, alt.input_name = dep.deployment, dep.inputs[0]
                         progress.advance(task)
                 if local is None:
@@ -247,7 +249,7 @@ async def run(args, console: Console) -> dict:
                             groups = {n: k for k, (_, nodes) in enumerate(chosen.parts) for n in nodes}
                             await asyncio.to_thread(save_split, graph, split_by_groups(graph, groups), out, args.model)
                             dep = await c.deploy(out, {f"part{k}": s for k, (s, _) in enumerate(chosen.parts)},
-                                                 timeout=600)
+                                                 deployment=f"alt{len(alts)}", timeout=600)
                             chosen.deployment, chosen.input_name = dep.deployment, dep.inputs[0]
                             by_key[key] = chosen
                             alts.append(chosen)
@@ -349,10 +351,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="keras.applications:MobileNetV3Large")
     ap.add_argument("--bandwidths", default="1,2,5,10,20,50,100", help="device-edge Mbit/s, comma-separated")
-    ap.add_argument("--device-slowdown", type=float, default=4.0)
-    ap.add_argument("--edge-slowdown", type=float, default=2.0)
-    ap.add_argument("--device-edge-rtt-ms", type=float, default=10.0)
-    ap.add_argument("--edge-cloud-rtt-ms", type=float, default=20.0)
+    ap.add_argument("--device-slowdown", type=float, default=10.0)
+    ap.add_argument("--edge-slowdown", type=float, default=3.0)
+    ap.add_argument("--device-edge-rtt-ms", type=float, default=5.0)
+    ap.add_argument("--edge-cloud-rtt-ms", type=float, default=5.0)
     ap.add_argument("--edge-cloud-mbps", type=float, default=1000.0)
     ap.add_argument("--remotes", default="cloud,edge", help="sites that take the rest after a single cut")
     ap.add_argument("--cut-stride", type=int, default=1, help="every Nth cut point only (quick runs); 1: every cut")

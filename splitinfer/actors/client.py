@@ -345,7 +345,9 @@ class Client(Actor):
         """Upload a split to the model pool and have servers load its parts; returns when every replica serves.
 
         placement: {part: server id or [server id per replica]}; without it, parts go round-robin over the live
-        servers (replica k of part i on server (i + k) mod n, so replicas of a part land on different servers)."""
+        servers (replica k of part i on server (i + k) mod n, so replicas of a part land on different servers).
+        The deployment is named by the split's id unless `deployment` names it: the same split deployed again onto
+        other servers adds replicas to that deployment; give another name for a separate one."""
         from splitinfer.actors.model_pool import PoolError, send_load_orders, upload_split
         from splitinfer.splitter.graph import SplitError
         from splitinfer.splitter.manifest import Manifest

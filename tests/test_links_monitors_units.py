@@ -129,3 +129,17 @@ def test_new_messages_round_trip():
                 LinkReport(link=link), GetState(), ClusterState(links=[link])):
         assert decode(encode(msg)) == msg
     assert ClusterState(links=[link]).link("device", "edge") == link
+
+
+def test_emulated_slowdown_scales_the_typical_call_not_one_spike():
+    """A 10x slower device: a call that the shared machine stalled (50 ms instead of 10) is not stretched to
+    500 ms; the extra idle time follows the median of the part's recent calls, per batch size."""
+    from splitinfer.actors.model_server import EmulatedSlowdown
+
+    slow = EmulatedSlowdown(10.0)
+    key = ("dep", "part0", 1)
+    assert slow.extra_s(key, 0.010) == pytest.approx(0.090)
+    assert slow.extra_s(key, 0.010) == pytest.approx(0.090)
+    assert slow.extra_s(key, 0.050) == pytest.approx(0.090)  # median of 10, 10, 50 ms
+    assert slow.extra_s(("dep", "part0", 4), 0.030) == pytest.approx(0.270)  # a batch of 4 has its own history
+    assert EmulatedSlowdown(1.0).extra_s(key, 0.010) == 0.0

@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,25 @@ class Pending:
     received: dict[str, float] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
     queue: int = 0  # replica queue the inputs came from (all of a request's inputs hash to the same one)
+
+
+class EmulatedSlowdown:
+    """A server `slowdown` times slower: after each batch the worker idles (slowdown - 1) x the *median* of this
+    part's recent compute times at that batch size. Scaling the call's own time would multiply the shared
+    machine's jitter by the slowdown (x10 on a phone-like device); the call's real time still counts in full."""
+
+    WINDOW = 15  # recent calls per (part, batch size)
+
+    def __init__(self, slowdown: float):
+        self.slowdown = max(1.0, slowdown)
+        self._recent: dict[tuple, collections.deque] = {}
+
+    def extra_s(self, key: tuple, compute_s: float) -> float:
+        if self.slowdown <= 1.0:
+            return 0.0
+        recent = self._recent.setdefault(key, collections.deque(maxlen=self.WINDOW))
+        recent.append(compute_s)
+        return (self.slowdown - 1.0) * statistics.median(recent)
 
 
 @dataclass
@@ -129,8 +149,9 @@ class ModelServer(Actor):
                  parts: list[tuple[str, int, int]] | None = None, slowdown: float | None = None,
                  battery: bool | None = None, power=None):
         super().__init__(actor_id, settings, site=site, capacity=capacity)
-        # emulated slower device: each compute is followed by (slowdown - 1) x its time of idling in the worker loop
+        # emulated slower device: each compute is followed by idling in the worker loop (EmulatedSlowdown)
         self.slowdown = max(1.0, slowdown if slowdown is not None else self.settings.slowdown)
+        self.emulated_slowdown = EmulatedSlowdown(self.slowdown)
         self.monitor = ServerMonitor(self, self.slowdown, battery, power=power)
         self.network = NetworkMonitor(self)
         self.split_dir = Path(split_dir) if split_dir else None
@@ -448,8 +469,9 @@ class ModelServer(Actor):
             started = time.time()
             try:
                 outs, compute_s = await self.run_in_worker(_run_batch, first.part.compiled, [it.tensors for it in batch])
-                if self.slowdown > 1.0:  # a slower device: the worker (this server's only compute) stays busy
-                    extra = (self.slowdown - 1.0) * compute_s
+                # a slower device: the worker (this server's only compute) stays busy
+                extra = self.emulated_slowdown.extra_s((first.part.deployment, first.part.name, len(batch)), compute_s)
+                if extra > 0:
                     await asyncio.sleep(extra)
                     compute_s += extra
                 self.monitor.add_compute(compute_s)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -153,20 +155,22 @@ def results(
         if not rows:
             newest = db.query(ns, limit=1, newest_first=True)
             last = newest[0].id if newest else 0
-        try:
-            while True:
-                new = [r for r in db.query(ns, job_id=job, kind=kind, deployment=deployment, after_id=last)]
-                if new:
-                    last = new[-1].id
-                    if as_json:
-                        for r in new:
-                            print(json.dumps(_row_json(r)), flush=True)
-                    else:
-                        console.print(_results_table(new, ""))
+        # Ctrl-C or SIGTERM ends the loop at its next poll: a flag, not a KeyboardInterrupt that could land
+        # inside sqlite or a half-written line
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.is_set():
+            new = [r for r in db.query(ns, job_id=job, kind=kind, deployment=deployment, after_id=last)]
+            if new:
+                last = new[-1].id
+                if as_json:
+                    for r in new:
+                        print(json.dumps(_row_json(r)), flush=True)
                 else:
-                    time.sleep(0.5)
-        except KeyboardInterrupt:
-            return
+                    console.print(_results_table(new, ""))
+            else:
+                stop.wait(0.5)
 
 
 # ------------------------------------------------------------------------------------- deploy, infer, status

@@ -96,12 +96,15 @@ def test_every_message_type_round_trips():
         LoadPart(server_id="s1", deployment="d", part="p"),
         PartChunk(deployment="d", file="p.keras", index=0, count=1, size=3, sha256="0" * 64, data=b"abc"),
         M.WhoHosts(deployment="d"), M.Hosts(), M.PoolManifest(deployment="d", manifest="{}"),
-        M.PartRequest(deployment="d", file="p.keras"), M.ListDeployments(), M.Reply(data={"k": [1, 2]}),
+        M.PartRequest(deployment="d", file="p.keras"), M.ListDeployments(), M.Reply(message="done"),
+        M.DeploymentList(deployments=["d"], models=["m"]),
         M.Deregister(actor_id="a"), M.UnloadPart(server_id="s", deployment="d", part="p"),
         M.DeployModel(name="m", model="keras.applications:MobileNetV3Small", objective="energy", sla_s=0.05,
                       servers=["s1"], compression=True),
-        M.PlanTableMessage(name="m", table='{"table": {}}'), M.DeleteDeployment(deployment="m"),
-        # sites, links, monitors, state pool (issue 5)
+        M.PlanTableMessage(name="m", table={"plans": []}, cost_graph={"nodes": []}, origin="x"),
+        M.DeleteDeployment(deployment="m"), M.UndeployModel(name="m"),
+        M.DeployReply(name="m", table={"plans": []}, deployments={"p1": "m:p1"}, timings_s={"plan": 0.1}),
+        # sites, links, monitors, state pool
         M.SetLinks(links={"a-b": M.LinkSpec(rtt_ms=1)}), M.Probe(probe_id="p", payload=b"x", reply_bytes=3),
         M.ProbeReply(probe_id="p"), M.GetState(), M.ClusterState(),
         M.LinkReport(link=M.LinkState(src_site="a", dst_site="b", rtt_ms=1.0)),

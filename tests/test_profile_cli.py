@@ -26,7 +26,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    from splitinfer.settings import get_settings
+    from splitinfer.config import get_settings
 
     monkeypatch.setenv("SPLITINFER_CACHE_DIR", str(tmp_path / "cache"))
     get_settings.cache_clear()

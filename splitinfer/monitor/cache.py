@@ -1,31 +1,19 @@
-"""Where profiles and calibrations are cached on disk, and writing them atomically."""
+"""Where cached documents live on disk (the cache directory, a machine's calibration), and writing them atomically.
+Profiles name their own files under it (profile.profile_path)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-from splitinfer.monitor.profile import PROFILE_VERSION
+from splitinfer.config import get_settings
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    from splitinfer.settings import get_settings
-
     return Path(get_settings().cache_dir)
-
-
-def profile_path(model_hash: str, input_shapes: list[list[int]], batch: int, fingerprint: str,
-                 cache_dir: Path | None = None) -> Path:
-    """profiles/<model hash>-<shape>-b<batch>-<machine>-v<version>.json under the cache directory."""
-    shape = "_".join("x".join(str(d) for d in s) for s in input_shapes) or "scalar"
-    if len(shape) > 60:
-        shape = hashlib.sha256(shape.encode()).hexdigest()[:16]
-    name = f"{model_hash[:24]}-{shape}-b{batch}-{fingerprint}-v{PROFILE_VERSION}.json"
-    return cache_root(cache_dir) / "profiles" / name
 
 
 def calibration_path(fingerprint: str, cache_dir: Path | None = None) -> Path:

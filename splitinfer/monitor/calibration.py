@@ -8,6 +8,7 @@ memory bandwidth of a large element-wise pass, and the fixed cost of one compile
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -15,8 +16,11 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from splitinfer.monitor.cache import calibration_path
 from splitinfer.monitor.document import VersionedDocument
-from splitinfer.monitor.machine import MachineInfo
+from splitinfer.monitor.machine import MachineInfo, machine_info
+from splitinfer.monitor.profile import ModelProfile, OpProfile
+from splitinfer.monitor.timing import default_clock, interleaved_ms, median, trivial_call
 
 CALIBRATION_FORMAT = "splitinfer.calibration"
 CALIBRATION_VERSION = 1
@@ -42,18 +46,12 @@ class Calibration(VersionedDocument):
         return self.dense_gflops if kind == "dense" else self.conv_gflops
 
 
-
 def calibrate(rounds: int = 30, progress: Callable[[str, int, int], None] | None = None,
               clock: Literal["wall", "cpu"] | None = None) -> Calibration:
     """Measure this machine now (a few seconds): interleaved rounds of every workload, medians. `clock` defaults
     to CPU time when TF is single-threaded (the speed of an idle core), else wall clock."""
-    import time
-
-    from splitinfer import _tf  # noqa: F401
-    import tensorflow as tf
-
-    from splitinfer.monitor.machine import machine_info
-    from splitinfer.monitor.timing import default_clock, interleaved_ms, median, trivial_call
+    from splitinfer import _tf  # noqa: F401  (lazy: loads TensorFlow, which reading a Calibration does not need)
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     started = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -98,18 +96,8 @@ def calibrate(rounds: int = 30, progress: Callable[[str, int, int], None] | None
 
 def load_or_calibrate(refresh: bool = False, cache_dir: Path | None = None, rounds: int = 30) -> Calibration:
     """This machine's cached calibration (settings.cache_dir/calibration/<fingerprint>.json), measured if missing."""
-    from splitinfer.monitor.cache import calibration_path
-    from splitinfer.monitor.machine import machine_info
-
     path = calibration_path(machine_info().fingerprint, cache_dir)
-    if not refresh and path.exists():
-        try:
-            return Calibration.load(path)
-        except (ValueError, OSError):
-            pass
-    cal = calibrate(rounds=rounds)
-    cal.save(path)
-    return cal
+    return Calibration.cached(path, lambda: calibrate(rounds=rounds), read=not refresh)
 
 
 def predict_latency(
@@ -134,8 +122,6 @@ def predict_latency(
     `overhead_ms` is the per-call overhead measured on the source machine (default: the profile's when `work`
     is a ModelProfile, else calibration_from's). With `calibration_to` None the profiled machine is predicted.
     """
-    from splitinfer.monitor.profile import ModelProfile, OpProfile
-
     to = calibration_to or calibration_from
     if isinstance(work, (int, float, np.integer, np.floating)):
         if to is None:

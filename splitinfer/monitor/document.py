@@ -1,13 +1,17 @@
 """One place for the monitor's JSON documents (profiles, calibrations, compression profiles): a `format` and a
-`version` field that loading checks, and an atomic save, so a cache never serves a file of another kind or age."""
+`version` field that loading checks, an atomic save, and the cache rule they share, so a cache never serves a file
+of another kind or age."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from pydantic import BaseModel
+
+from splitinfer.monitor.cache import write_atomic
 
 D = TypeVar("D", bound="VersionedDocument")
 
@@ -27,8 +31,6 @@ class VersionedDocument(BaseModel):
         return cls.model_validate(data)
 
     def save(self, path: Path) -> Path:
-        from splitinfer.monitor.cache import write_atomic
-
         write_atomic(Path(path), self.to_json())
         return Path(path)
 
@@ -38,3 +40,17 @@ class VersionedDocument(BaseModel):
             return cls.from_json(Path(path).read_text())
         except ValueError as exc:
             raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def cached(cls: type[D], path: Path, measure: Callable[[], D], *, read: bool = True, write: bool = True) -> D:
+        """The document stored at `path` when `read` and it loads; else `measure()`, saved at `path` when `write`.
+        A file that does not load (another kind or version, damaged, unreadable) is measured again."""
+        if read and path.exists():
+            try:
+                return cls.load(path)
+            except (ValueError, OSError):
+                pass
+        document = measure()
+        if write:
+            document.save(path)
+        return document

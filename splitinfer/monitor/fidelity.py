@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from splitinfer.monitor.document import VersionedDocument
 from splitinfer.messages import CODECS, MessageError, compress_array, decompress_array
+from splitinfer.monitor.document import VersionedDocument
+from splitinfer.monitor.profile import profile_path
+from splitinfer.splitter.errors import SplitError
+from splitinfer.splitter.manifest import TensorSpec
+from splitinfer.splitter.partition import PartSpec, split_at_cuts
 
 if TYPE_CHECKING:  # TF loads only when measuring
     import keras
@@ -104,16 +108,11 @@ class CompressionProfile(VersionedDocument):
             table.setdefault(e.tensor, {})[e.codec] = float(min(1.0, max(MIN_FIDELITY, value)))
         return table
 
-    # -- files --------------------------------------------------------------------------------
-
-
 
 # -- measuring ------------------------------------------------------------------------------------
 
 
 def _candidates(graph, tensors: Sequence[str] | None) -> list[str]:
-    from splitinfer.splitter.graph import SplitError
-
     points = graph.cut_points()
     if tensors is None:
         return [t for t in points if np.dtype(graph.tensors[t].dtype).kind == "f"]
@@ -182,11 +181,7 @@ def compression_entries(
 ) -> tuple[list[CompressionEntry], dict]:
     """Measure without caching: the entries, and the profile fields that describe the comparison
     (top1_output, top1_by_error, output_spread)."""
-    from splitinfer import _tf  # noqa: F401
-
-    from splitinfer.splitter.build import CompiledPart, build_part, random_inputs
-    from splitinfer.splitter.manifest import TensorSpec
-    from splitinfer.splitter.partition import PartSpec, split_at_cuts
+    from splitinfer.splitter.build import CompiledPart, build_part, random_inputs  # lazy: loads TensorFlow
 
     finals = list(graph.outputs)
     wanted = list(dict.fromkeys([*tensors, *finals]))
@@ -267,14 +262,13 @@ def measure_compression(
     1 - min(1, max_abs_error) instead (the profile's `top1_by_error` says so).
     `progress(text)` is called once per tensor, after it is measured, with that tensor's results.
 
-    Cached as JSON next to the profiles (monitor.cache.profile_path, the "fingerprint" being
+    Cached as JSON next to the profiles (monitor.profile.profile_path, the "fingerprint" being
     fidelity-n<samples>-s<seed>-<codecs>[-t<hash of the tensors named>]), keyed by model hash, input shapes and
     batch as well: a second call returns the stored result. `refresh` measures again and overwrites it;
     `cache=False` neither reads nor writes.
     """
-    from splitinfer.monitor.cache import profile_path
-    from splitinfer.monitor.flops import input_specs
-    from splitinfer.splitter.graph import ModelGraph, SplitError, model_hash
+    from splitinfer.monitor.flops import input_specs  # lazy: loads TensorFlow
+    from splitinfer.splitter.graph import ModelGraph, model_hash  # lazy: loads TensorFlow
 
     graph = graph if isinstance(graph, ModelGraph) else ModelGraph(graph)
     if samples < 1:
@@ -288,23 +282,19 @@ def measure_compression(
     mhash = model_hash(graph.model)
     path = profile_path(mhash, input_shapes, batch,
                         _cache_key(samples, seed, chosen_codecs, None if tensors is None else candidates), cache_dir)
-    if cache and not refresh and path.exists():
-        try:
-            return CompressionProfile.load(path)
-        except (ValueError, OSError):
-            pass  # stale or damaged: measure again
-    start = time.perf_counter()
-    entries, about = compression_entries(
-        graph, candidates, chosen_codecs, samples=samples, seed=seed, batch=batch, progress=progress)
-    result = CompressionProfile(
-        model=graph.model.name, model_hash=mhash, input_shapes=input_shapes, batch=batch, samples=samples,
-        seed=seed, codecs=chosen_codecs, **about,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        measure_seconds=round(time.perf_counter() - start, 3), entries=entries,
-    )
-    if cache:
-        result.save(path)
-    return result
+
+    def measure() -> CompressionProfile:
+        start = time.perf_counter()
+        entries, about = compression_entries(
+            graph, candidates, chosen_codecs, samples=samples, seed=seed, batch=batch, progress=progress)
+        return CompressionProfile(
+            model=graph.model.name, model_hash=mhash, input_shapes=input_shapes, batch=batch, samples=samples,
+            seed=seed, codecs=chosen_codecs, **about,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            measure_seconds=round(time.perf_counter() - start, 3), entries=entries,
+        )
+
+    return CompressionProfile.cached(path, measure, read=cache and not refresh, write=cache)
 
 
 __all__ = ["COMPRESSION_FORMAT", "CompressionEntry", "CompressionProfile", "MIN_FIDELITY", "compression_entries",

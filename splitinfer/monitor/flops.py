@@ -15,9 +15,12 @@ import re
 import weakref
 from collections.abc import Mapping, Sequence
 
-from splitinfer import _tf  # noqa: F401
+from splitinfer import _tf  # noqa: F401  (quiet TF before it loads)
+import tensorflow as tf
+from tensorflow.python.profiler import model_analyzer, option_builder
 
-from splitinfer.splitter.graph import ModelGraph, SplitError, inference_call
+from splitinfer.splitter.errors import SplitError
+from splitinfer.splitter.graph import ModelGraph, inference_call
 
 _SCOPE = re.compile(r"^n(\d{5,})$")
 
@@ -29,8 +32,6 @@ def scope_of(index: int) -> str:
 
 def input_specs(graph: ModelGraph, batch: int = 1):
     """tf.TensorSpecs of the model's inputs at `batch`; every other dimension must be known."""
-    import tensorflow as tf
-
     if batch < 1:
         raise SplitError(f"batch must be at least 1, not {batch}")
     specs = []
@@ -57,8 +58,6 @@ def replay(graph: ModelGraph, nodes: Sequence[str], tensors: dict, scoped: bool 
 
     With `scoped`, each node runs inside its own `n00017` name scope so the ops it creates can be traced back.
     """
-    import tensorflow as tf
-
     for name in nodes:
         node = graph.nodes[name]
         values = [tensors[t] for t in node.inputs]
@@ -74,8 +73,6 @@ def replay(graph: ModelGraph, nodes: Sequence[str], tensors: dict, scoped: bool 
 
 def replay_function(graph: ModelGraph, batch: int = 1):
     """A concrete function of the whole graph replayed with one name scope per node."""
-    import tensorflow as tf
-
     compute = graph.compute_nodes
 
     def fn(*xs):
@@ -87,8 +84,6 @@ def replay_function(graph: ModelGraph, batch: int = 1):
 
 def model_function(graph: ModelGraph, batch: int = 1):
     """The concrete function of the model as Keras calls it (no scopes of ours): the reference for totals."""
-    import tensorflow as tf
-
     model = graph.model
     specs = input_specs(graph, batch)
 
@@ -99,17 +94,12 @@ def model_function(graph: ModelGraph, batch: int = 1):
 
 
 def _profile_graph(tf_graph):
-    from tensorflow.python.profiler import model_analyzer
-    from tensorflow.python.profiler import option_builder
-
     opts = (
         option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
         .with_empty_output()
         .with_min_float_operations(0)
         .build()
     )
-    import tensorflow as tf
-
     logger = tf.get_logger()
     level = logger.level
     logger.setLevel("ERROR")  # the flops registry warns about a deprecated v1 helper on every call

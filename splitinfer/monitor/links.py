@@ -22,6 +22,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from splitinfer.messages import split_pair
+
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
 
@@ -47,14 +49,6 @@ def link_params(spec) -> LinkParams:
         return LinkParams(float(rtt), math.inf if bw is None else float(bw))
     bw = getattr(spec, "bandwidth_mbps", None)
     return LinkParams(float(spec.rtt_ms) / 1e3, math.inf if bw is None else float(bw) * MBIT)
-
-
-def split_pair(key: str) -> tuple[str, str]:
-    """'device-edge' -> ('device', 'edge'). Site names must not contain '-'."""
-    parts = key.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"link {key!r}: use 'siteA-siteB' (site names without '-')")
-    return parts[0], parts[1]
 
 
 class LinkTable:

@@ -1,4 +1,7 @@
-"""What machine a measurement was taken on: the fingerprint that keys cached profiles and calibrations."""
+"""What machine a measurement was taken on: the fingerprint that keys cached profiles and calibrations.
+
+Loads without TensorFlow, so that reading a profile or a calibration (which record a MachineInfo) does not load it;
+the functions that ask TF about itself import it when called."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import os
 import platform
 
+import psutil
 from pydantic import BaseModel
 
 
@@ -35,8 +39,6 @@ def _cpu_model() -> str:
 
 def _memory_gb() -> float:
     try:
-        import psutil
-
         return round(psutil.virtual_memory().total / 2**30, 1)
     except Exception:  # psutil is a dependency, but a fingerprint must never fail
         return 0.0
@@ -44,7 +46,7 @@ def _memory_gb() -> float:
 
 def tf_threads() -> tuple[int, int]:
     """(intra, inter) op threads TF runs with in this process, with 0 ("default") resolved to the core count."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     cores = os.cpu_count() or 1
     intra = tf.config.threading.get_intra_op_parallelism_threads() or cores
@@ -54,9 +56,9 @@ def tf_threads() -> tuple[int, int]:
 
 def machine_info() -> MachineInfo:
     """This machine and TF configuration. The fingerprint leaves out the hostname: identical boxes share profiles."""
-    from splitinfer import _tf  # noqa: F401
-    import keras
-    import tensorflow as tf
+    from splitinfer import _tf  # noqa: F401  (lazy: loads TensorFlow)
+    import keras  # lazy: with TensorFlow
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     intra, inter = tf_threads()
     fields = {
@@ -80,7 +82,7 @@ def apply_threads(intra: int | None, inter: int | None = None) -> None:
     Once TF has initialised its runtime the pools cannot change; then this is a no-op if they already match and
     raises RuntimeError otherwise.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     for value, getter, setter in (
         (intra, tf.config.threading.get_intra_op_parallelism_threads, tf.config.threading.set_intra_op_parallelism_threads),

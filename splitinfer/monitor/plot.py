@@ -6,10 +6,10 @@ from pathlib import Path
 
 
 def plot_profile(profile, path: Path, title: str | None = None) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: ~0.3 s to import, for this one figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
 
     ops = [o for o in profile.ops if not o.is_input]
     xs = list(range(len(ops)))

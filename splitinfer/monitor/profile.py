@@ -31,6 +31,8 @@ whole segments is predicted from measurements, and a cut inside a segment only r
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -38,8 +40,12 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from splitinfer.monitor.cache import cache_root
 from splitinfer.monitor.document import VersionedDocument
-from splitinfer.monitor.machine import MachineInfo
+from splitinfer.monitor.machine import MachineInfo, machine_info
+from splitinfer.monitor.timing import Call, default_clock, interleaved_both, interleaved_ms, iqr, median, trivial_call
+from splitinfer.splitter.errors import SplitError
+from splitinfer.splitter.partition import split_at_cuts
 
 PROFILE_FORMAT = "splitinfer.profile"
 PROFILE_VERSION = 1
@@ -194,8 +200,15 @@ class ModelProfile(VersionedDocument):
         ops = self.ops_named(names)
         return sum(o.latency_ms for o in ops) + (self.totals.call_overhead_ms if include_overhead else 0.0)
 
-    # -- files --------------------------------------------------------------------------------
 
+def profile_path(model_hash: str, input_shapes: list[list[int]], batch: int, fingerprint: str,
+                 cache_dir: Path | None = None) -> Path:
+    """profiles/<model hash>-<shape>-b<batch>-<machine>-v<version>.json under the cache directory."""
+    shape = "_".join("x".join(str(d) for d in s) for s in input_shapes) or "scalar"
+    if len(shape) > 60:
+        shape = hashlib.sha256(shape.encode()).hexdigest()[:16]
+    name = f"{model_hash[:24]}-{shape}-b{batch}-{fingerprint}-v{PROFILE_VERSION}.json"
+    return cache_root(cache_dir) / "profiles" / name
 
 
 # -- building the profile -------------------------------------------------------------------------
@@ -213,7 +226,7 @@ def _segment_boundaries(graph, flops: dict[str, int], node_bytes: dict[str, int]
     total = sum(est.values())
     cum = []
     for t in points:
-        mask = graph.ancestor_masks[graph.index[graph.tensors[t].producer]]
+        mask = graph.upstream(t)
         cum.append(sum(est.get(n, 0.0) for n in graph.names_in(mask)))
     chosen: list[int] = []
     for k in range(1, segments):
@@ -224,34 +237,56 @@ def _segment_boundaries(graph, flops: dict[str, int], node_bytes: dict[str, int]
     return [points[j] for j in sorted(chosen)]
 
 
-def _compile(model, specs):
-    """One concrete function calling the part model. A closure, never a default argument: a Keras model passed
-    as a default argument becomes part of the call signature and costs milliseconds per call to flatten."""
-    import tensorflow as tf
+def _compile(model, args):
+    """One concrete function calling the part model, traced for the shapes and dtypes of `args`. A closure, never a
+    default argument: a Keras model passed as a default argument becomes part of the call signature and costs
+    milliseconds per call to flatten."""
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     def fn(*xs):
         return model(list(xs), training=False)
 
-    return tf.function(fn, autograph=False).get_concrete_function(*specs)
+    return tf.function(fn, autograph=False).get_concrete_function(*[tf.TensorSpec(a.shape, a.dtype) for a in args])
 
 
-def _random_input(info, batch: int, rng: np.random.Generator):
-    import tensorflow as tf
+def _compile_chain(graph, specs, values: dict, compiled: Callable[[int], None] | None = None) -> list[Call]:
+    """Each part of `specs` (topological order) built with `build_part`, compiled, and run once on the outputs of
+    the parts before it: (compiled function, its arguments) per part. `values` holds the model inputs and gets
+    every part's outputs; `compiled(k)` is called after the k-th part."""
+    from keras import tree  # lazy: loads TensorFlow
 
-    shape = [batch if (i == 0 and d is None) else d for i, d in enumerate(info.shape)]
-    dtype = np.dtype(info.dtype)
-    if dtype.kind == "f":
-        value = rng.uniform(0.0, 1.0, size=shape).astype(dtype)
-    elif dtype.kind in "iu":
-        value = rng.integers(0, 10, size=shape).astype(dtype)
-    else:
-        value = rng.integers(0, 2, size=shape).astype(dtype)
-    return tf.constant(value)
+    from splitinfer.splitter.build import build_part  # lazy: loads TensorFlow
+
+    calls = []
+    for spec in specs:
+        args = [values[t] for t in spec.inputs]
+        fn = _compile(build_part(graph, spec), args)
+        for t, v in zip(spec.outputs, tree.flatten(fn(*args))):
+            values[t] = v
+        calls.append((fn, args))
+        if compiled:
+            compiled(len(calls))
+    return calls
+
+
+def _random_values(graph, batch: int, seed: int) -> dict:
+    """Random model inputs at `batch` as TF tensors (splitter.build.random_array, one generator seeded by `seed`)."""
+    import tensorflow as tf  # lazy: loads TensorFlow
+
+    from splitinfer.splitter.build import random_array  # lazy: loads TensorFlow
+
+    rng = np.random.default_rng(seed)
+    values = {}
+    for t in graph.inputs:
+        info = graph.tensors[t]
+        shape = [batch if (i == 0 and d is None) else d for i, d in enumerate(info.shape)]
+        values[t] = tf.constant(random_array(rng, shape, info.dtype))
+    return values
 
 
 def _fit(segs: list[dict]) -> CostFit:
     """NNLS fit of segment compute time on (GFLOPs, MB moved, op count)."""
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # lazy: ~0.5 s to import, only when measuring
 
     rows = [[s["flops"] / 1e9, s["bytes"] / 1e6, float(s["ops"])] for s in segs]
     y = np.array([s["compute_ms"] for s in segs])
@@ -272,15 +307,6 @@ def _fit(segs: list[dict]) -> CostFit:
                    ms_per_mb=0.0, ms_per_op=0.0)
 
 
-def _weights_of(op) -> tuple[int, int]:
-    count = nbytes = 0
-    for w in getattr(op, "weights", None) or []:
-        n = int(np.prod(w.shape)) if len(w.shape) else 1
-        count += n
-        nbytes += n * np.dtype(getattr(w, "dtype", "float32")).itemsize
-    return count, nbytes
-
-
 def build_profile(
     graph,
     *,
@@ -295,15 +321,10 @@ def build_profile(
 ) -> ModelProfile:
     """Measure `graph` (a splitter ModelGraph) on this machine now. See the module docstring for the method.
     `clock` defaults to timing.default_clock(): CPU time when TF is single-threaded, else wall clock."""
-    import time
+    import tensorflow as tf  # lazy: loads TensorFlow
 
-    from splitinfer import _tf  # noqa: F401
-    from splitinfer.monitor.flops import node_flops, whole_model_profiler_flops
-    from splitinfer.monitor.machine import machine_info
-    from splitinfer.monitor.timing import default_clock, interleaved_both, iqr, median, trivial_call
-    from splitinfer.splitter import build_part, split_at_cuts
-    from splitinfer.splitter.graph import SplitError, error_line, model_hash as _model_hash
-    from keras import tree
+    from splitinfer.monitor.flops import node_flops, whole_model_profiler_flops  # lazy: loads TensorFlow
+    from splitinfer.splitter.graph import error_line, model_hash as _model_hash  # lazy: loads TensorFlow
 
     if batch < 1:
         raise SplitError(f"batch must be at least 1, not {batch}")
@@ -333,7 +354,7 @@ def build_profile(
     distinct_params = distinct_param_bytes = 0
     for name in graph.order:
         node = graph.nodes[name]
-        params, pbytes = (0, 0) if node.is_input else _weights_of(node.operation)
+        params, pbytes = (0, 0) if node.is_input else node.weight_size()
         shares = None
         if params:
             key = id(node.operation)
@@ -357,31 +378,20 @@ def build_profile(
     by_name = {o.name: o for o in ops}
 
     # compiled pieces: the whole model and the segments
-    import tensorflow as tf
-
     boundaries = _segment_boundaries(graph, flops, node_bytes, segments)
     specs = split_at_cuts(graph, boundaries)
     total_steps = 2 + len(specs) + rounds
     whole_spec = split_at_cuts(graph, [])[0]
-    rng = np.random.default_rng(seed)
-    values = {t: _random_input(graph.tensors[t], batch, rng) for t in graph.inputs}
+    values = _random_values(graph, batch, seed)
     try:
-        whole_fn = _compile(build_part(graph, whole_spec),
-                            [tf.TensorSpec(values[t].shape, values[t].dtype) for t in whole_spec.inputs])
-        # a shape the model cannot take fails here, not mid-measurement
-        whole_fn(*[values[t] for t in whole_spec.inputs])
+        # run once here, so that a shape the model cannot take fails now, not mid-measurement
+        whole = _compile_chain(graph, [whole_spec], dict(values))
     except (ValueError, TypeError, tf.errors.OpError) as exc:
         raise SplitError(f"cannot run {graph.model.name} at input shape {[list(v.shape) for v in values.values()]}: "
                          f"{error_line(exc)}") from None
     tick("compiling the whole model")
-    calls = [trivial_call(), (whole_fn, [values[t] for t in whole_spec.inputs])]
-    for spec in specs:
-        fn = _compile(build_part(graph, spec), [tf.TensorSpec(values[t].shape, values[t].dtype) for t in spec.inputs])
-        args = [values[t] for t in spec.inputs]
-        for t, v in zip(spec.outputs, tree.flatten(fn(*args))):
-            values[t] = v
-        calls.append((fn, args))
-        tick(f"compiling segment {len(calls) - 2}/{len(specs)}")
+    calls = [trivial_call(), *whole]
+    calls += _compile_chain(graph, specs, values, lambda k: tick(f"compiling segment {k}/{len(specs)}"))
     report("warming up", step, total_steps)
 
     clock = clock or default_clock()
@@ -432,8 +442,7 @@ def build_profile(
     cuts = []
     for t in graph.cut_points():
         info = graph.tensors[t]
-        mask = graph.ancestor_masks[graph.index[info.producer]]
-        before = [by_name[n] for n in graph.names_in(mask)]
+        before = [by_name[n] for n in graph.names_in(graph.upstream(t))]
         fb = sum(o.flops for o in before)
         lb = sum(o.latency_ms for o in before)
         cuts.append(CutProfile(
@@ -488,26 +497,20 @@ def profile_model(
     batch and machine fingerprint: a second call returns the stored profile without measuring. `refresh`
     measures again and overwrites it; `cache=False` neither reads nor writes.
     """
-    from splitinfer.monitor.cache import profile_path
-    from splitinfer.monitor.machine import machine_info
-    from splitinfer.splitter.graph import ModelGraph, model_hash
+    from splitinfer.monitor.flops import input_specs  # lazy: loads TensorFlow
+    from splitinfer.splitter.graph import ModelGraph, model_hash  # lazy: loads TensorFlow
 
     graph = model if isinstance(model, ModelGraph) else ModelGraph(model)
-    from splitinfer.monitor.flops import input_specs
-
     specs = input_specs(graph, batch)  # refuses unknown non-batch dimensions before any work
     mhash = model_hash(graph.model)
     path = profile_path(mhash, [list(s.shape[1:]) for s in specs], batch, machine_info().fingerprint, cache_dir)
-    if cache and not refresh and path.exists():
-        try:
-            return ModelProfile.load(path)
-        except (ValueError, OSError):
-            pass  # stale or damaged: measure again
-    profile = build_profile(graph, batch=batch, segments=segments, rounds=rounds, warmup=warmup,
-                            progress=progress, model_hash=mhash)
-    if cache:
-        profile.save(path)
-    return profile
+    return ModelProfile.cached(
+        path,
+        lambda: build_profile(graph, batch=batch, segments=segments, rounds=rounds, warmup=warmup,
+                              progress=progress, model_hash=mhash),
+        read=cache and not refresh,
+        write=cache,
+    )
 
 
 def measure_parts(graph, specs, *, batch: int = 1, rounds: int = 30, warmup: int = 3, seed: int = 0,
@@ -517,20 +520,5 @@ def measure_parts(graph, specs, *, batch: int = 1, rounds: int = 30, warmup: int
 
     This is what a server pays per call for the part; the planner's predictions are checked against it.
     `clock` as for build_profile (default: CPU time when TF is single-threaded, else wall clock)."""
-    from splitinfer import _tf  # noqa: F401
-    import tensorflow as tf
-    from keras import tree
-
-    from splitinfer.monitor.timing import default_clock, interleaved_ms, median
-    from splitinfer.splitter import build_part
-
-    rng = np.random.default_rng(seed)
-    values = {t: _random_input(graph.tensors[t], batch, rng) for t in graph.inputs}
-    calls = []
-    for spec in specs:
-        fn = _compile(build_part(graph, spec), [tf.TensorSpec(values[t].shape, values[t].dtype) for t in spec.inputs])
-        args = [values[t] for t in spec.inputs]
-        for t, v in zip(spec.outputs, tree.flatten(fn(*args))):
-            values[t] = v
-        calls.append((fn, args))
+    calls = _compile_chain(graph, specs, _random_values(graph, batch, seed))
     return [median(t) for t in interleaved_ms(calls, rounds, warmup, clock=clock or default_clock())]

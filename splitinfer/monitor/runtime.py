@@ -11,13 +11,17 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
+from splitinfer.monitor.cache import calibration_path
+from splitinfer.monitor.calibration import Calibration
+from splitinfer.monitor.machine import machine_info
+
 
 def system_load() -> dict:
     """cpu_percent (this process, since the last call), memory_mb (RSS), load_avg (1 min); None when unknown."""
     out: dict = {"cpu_percent": None, "memory_mb": None, "load_avg": None}
     try:
-        import psutil
-
         proc = _process()
         out["cpu_percent"] = proc.cpu_percent(None)
         out["memory_mb"] = proc.memory_info().rss / 1e6
@@ -36,8 +40,6 @@ _PROC = None
 def _process():
     """One psutil.Process per process: cpu_percent(None) measures since the previous call on the same object."""
     global _PROC
-    import psutil
-
     if _PROC is None or _PROC.pid != os.getpid():
         _PROC = psutil.Process()
     return _PROC
@@ -47,10 +49,6 @@ def cached_speed_gflops(cache_dir=None) -> float | None:
     """This machine's convolution GFLOP/s from the cached calibration (`splitinfer profile` makes one), without
     measuring anything: None when there is none. Costs a TF import (a model server has it anyway)."""
     try:
-        from splitinfer.monitor.cache import calibration_path
-        from splitinfer.monitor.calibration import Calibration
-        from splitinfer.monitor.machine import machine_info
-
         path = calibration_path(machine_info().fingerprint, cache_dir)
         if path.exists():
             return float(Calibration.load(path).conv_gflops)
@@ -62,8 +60,6 @@ def cached_speed_gflops(cache_dir=None) -> float | None:
 def read_battery() -> float | None:
     """The real battery level 0..1 from psutil.sensors_battery(), None when the machine has none."""
     try:
-        import psutil
-
         b = psutil.sensors_battery()
     except Exception:
         return None

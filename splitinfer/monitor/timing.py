@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from splitinfer.monitor.machine import tf_threads
+
 Call = tuple[Callable, Sequence]  # a compiled function and the arguments to call it with
 Clock = Literal["wall", "cpu"]
 
@@ -15,8 +17,6 @@ def default_clock() -> Clock:
     """"cpu" when TF runs one op at a time (one intra-op and one inter-op thread, as servers are configured):
     then the process's CPU time per call equals the call's latency on an idle core, and other processes that
     preempt this one do not inflate it. With more threads CPU time adds up over threads, so "wall"."""
-    from splitinfer.monitor.machine import tf_threads
-
     return "cpu" if tf_threads() == (1, 1) else "wall"
 
 
@@ -80,7 +80,7 @@ def iqr(values: Sequence[float]) -> float:
 
 def trivial_call():
     """A compiled function that does (almost) nothing: its call time is the fixed cost of calling a part."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow; profile and calibration import this module without it
 
     x = tf.constant([1.0])
     fn = tf.function(lambda v: v * 2.0, autograph=False).get_concrete_function(tf.TensorSpec([1], tf.float32))

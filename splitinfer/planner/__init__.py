@@ -29,6 +29,7 @@ Errors are PlanError with a one-line message (unreachable SLA with the best achi
 no server can hold a part, nothing fits memory, fidelity floor unreachable).
 """
 
+from splitinfer.messages import OBJECTIVES
 from splitinfer.planner.adapter import cost_graph_from, cost_graph_from_profile, param_bytes_of
 from splitinfer.planner.chain import chain_pareto, plan_chain
 from splitinfer.planner.costmodel import CostModel, Prediction, evaluate
@@ -46,7 +47,6 @@ from splitinfer.planner.model import (
     Server,
 )
 from splitinfer.planner.optimize import (
-    OBJECTIVES,
     LinkFigures,
     ServerDesc,
     build_cluster,

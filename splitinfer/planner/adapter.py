@@ -22,12 +22,11 @@ def param_bytes_of(graph: ModelGraph) -> dict[str, int]:
     seen: set[int] = set()
     out: dict[str, int] = {}
     for name in graph.compute_nodes:
-        op = graph.nodes[name].operation
+        node = graph.nodes[name]
         total = 0
-        if op is not None and id(op) not in seen:
-            seen.add(id(op))
-            for w in getattr(op, "weights", []) or []:
-                total += int(np.prod(w.shape, dtype=np.int64)) * np.dtype(str(w.dtype)).itemsize
+        if node.operation is not None and id(node.operation) not in seen:
+            seen.add(id(node.operation))
+            total = node.weight_size()[1]
         out[name] = total
     return out
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from splitinfer.planner.costmodel import CostModel
 from splitinfer.planner.model import CODEC_FACTOR, Cluster, CostGraph, PlanError
-from splitinfer.planner.plan import Plan, make_plan
+from splitinfer.planner.plan import Plan, dominates, make_plan
 
 Compression = Mapping[str, Mapping[str, float]]  # tensor -> {codec: fidelity in (0, 1]}
 
@@ -297,15 +297,7 @@ def plan_chain(
     segs, cm, final = chain_labels(
         graph,
         cluster,
-        energy=True,
-        compression=compression,
-        max_latency=max_latency,
-        min_fidelity=min_fidelity,
-        exclude=exclude,
-    ) if objective == "energy" else chain_labels(
-        graph,
-        cluster,
-        energy=False,
+        energy=objective == "energy",
         compression=compression,
         max_latency=max_latency,
         min_fidelity=min_fidelity,
@@ -336,8 +328,6 @@ def chain_pareto(
     for lab in final:  # final labels also differ by memory use; keep one per objective point
         front.setdefault((lab.latency, lab.energy, lab.fidelity), lab)
     pts = list(front.values())
-    pts = [a for a in pts if not any(
-        b is not a and b.latency <= a.latency and b.energy <= a.energy and b.fidelity >= a.fidelity
-        and (b.latency, b.energy, b.fidelity) != (a.latency, a.energy, a.fidelity) for b in pts)]
+    pts = [a for a in pts if not any(dominates(b, a) for b in pts)]
     pts.sort(key=lambda l: (l.latency, l.energy))
     return [_to_plan(graph, cluster, segs, cm, lab, compression, "chain-dp/pareto") for lab in pts]

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from splitinfer.planner.costmodel import CostModel, evaluate
-from splitinfer.planner.model import Cluster, CostGraph, CostNode, PlanError
+from splitinfer.planner.model import Cluster, CostGraph, CostNode, PlanError, check_objective
 from splitinfer.planner.plan import Plan, make_plan, parts_from_assignment
 
 
@@ -66,8 +66,8 @@ class _Program:
         self.hi.append(hi)
 
     def solve(self, objective: dict[int, float], time_limit: float | None):
-        from scipy.optimize import Bounds, LinearConstraint, milp
-        from scipy.sparse import csr_array
+        from scipy.optimize import Bounds, LinearConstraint, milp  # lazy: ~0.5 s to import, only when solving
+        from scipy.sparse import csr_array  # lazy: with scipy.optimize
 
         n = len(self.lb)
         c = np.zeros(n)
@@ -119,27 +119,16 @@ def coarsen(graph: CostGraph, max_nodes: int) -> tuple[CostGraph, dict[str, list
             acc = 0.0
         blocks[-1].append(v)
         acc += graph.nodes[v].cost
-    owner = {v: i for i, b in enumerate(blocks) for v in b}
-    nodes = []
-    for i, members in enumerate(blocks):
-        ins: dict[str, None] = {}
-        outs: dict[str, None] = {}
-        for v in members:
-            for t in graph.nodes[v].inputs:
-                p = graph.tensors[t].producer
-                if p is None or owner[p] != i:
-                    ins[t] = None
-            for t in graph.nodes[v].outputs:
-                info = graph.tensors[t]
-                if info.is_output or any(owner[c] != i for c in info.consumers):
-                    outs[t] = None
-        nodes.append(CostNode(
+    nodes = [
+        CostNode(
             f"block{i}",
             sum(graph.nodes[v].cost for v in members),
             tuple(ins),
             tuple(outs),
             sum(graph.nodes[v].param_bytes for v in members),
-        ))
+        )
+        for i, (members, (ins, outs)) in enumerate(zip(blocks, graph.dag.boundaries(blocks)))
+    ]
     kept = {t for nd in nodes for t in (*nd.inputs, *nd.outputs)} | set(graph.inputs)
     coarse = CostGraph(
         nodes,
@@ -166,8 +155,7 @@ def plan_dag(
 ) -> Plan:
     """Best node-to-server assignment of a DAG by integer programming (see the module docstring for what each
     objective models). objective: "latency", "energy" (device energy, within max_latency) or "throughput"."""
-    if objective not in ("latency", "energy", "throughput"):
-        raise PlanError(f"objective must be latency, energy or throughput, not {objective!r}")
+    check_objective(objective)
     full_graph = graph
     members = None
     if max_nodes is not None and len(graph.nodes) > max_nodes:

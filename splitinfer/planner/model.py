@@ -15,9 +15,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from splitinfer.dag import Dag, DagQueries
+from splitinfer.messages import OBJECTIVES
+
 
 class PlanError(ValueError):
     """A planning request that cannot be satisfied; the message says why in one line."""
+
+
+def check_objective(objective: str) -> None:
+    """Raise PlanError unless `objective` is one the planner optimises (messages.OBJECTIVES)."""
+    if objective not in OBJECTIVES:
+        raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
 
 
 # bytes factor of a tensor sent compressed (int8 carries one float32 scale per tensor: negligible)
@@ -46,8 +55,10 @@ class CostTensor:
     compressible: bool = True  # a float tensor that may be sent as float16/int8
 
 
-class CostGraph:
-    """Operations in topological order, tensors with bytes, model inputs (at the client) and outputs (to the client)."""
+class CostGraph(DagQueries):
+    """Operations in topological order, tensors with bytes, model inputs (at the client) and outputs (to the client).
+
+    Its DAG queries (`order`, `index`, `ancestor_masks`, ...) are those of `dag` (splitinfer.dag)."""
 
     def __init__(
         self,
@@ -98,81 +109,20 @@ class CostGraph:
             self.tensors[t].is_output = True
         if not self.nodes:
             raise PlanError("the cost graph has no operations")
+        self.dag = Dag([(n.name, n.inputs, n.outputs) for n in self.nodes.values()], self.inputs, self.outputs)
 
     # -- structure ------------------------------------------------------------------------------------
 
     @cached_property
-    def order(self) -> list[str]:
-        return list(self.nodes)
-
-    @cached_property
-    def index(self) -> dict[str, int]:
-        return {n: i for i, n in enumerate(self.order)}
-
-    @cached_property
-    def ancestor_masks(self) -> list[int]:
-        """Bit i of entry j is set when node i is node j or one of its ancestors."""
-        masks: list[int] = []
-        for name in self.order:
-            m = 1 << self.index[name]
-            for t in dict.fromkeys(self.nodes[name].inputs):
-                p = self.tensors[t].producer
-                if p is not None:
-                    m |= masks[self.index[p]]
-            masks.append(m)
-        return masks
-
-    def mask_of(self, names: Iterable[str]) -> int:
-        m = 0
-        for n in names:
-            m |= 1 << self.index[n]
-        return m
-
-    def names_in(self, mask: int) -> list[str]:
-        return [n for i, n in enumerate(self.order) if mask >> i & 1]
-
-    @cached_property
     def cut_points(self) -> list[str]:
-        """Tensors that are, alone, all that passes from the part before them to the part after.
-
-        The part before a cut at t is t's producer with all its ancestors; it must hold every consumer of every
-        model input and produce no model output, t must be the only tensor it sends onward, and the rest must
-        still have an operation. (The splitter's ModelGraph.cut_points also allows a cut with an early model
-        output before it; the chain planner does not, so every output leaves from the last part.)
-        """
-        full = (1 << len(self.order)) - 1
-        input_consumers = self.mask_of(c for t in self.inputs for c in self.tensors[t].consumers)
-        output_producers = self.mask_of(
-            self.tensors[t].producer for t in self.outputs if self.tensors[t].producer is not None
-        )
-        points = []
-        for name in self.order:
-            prefix = self.ancestor_masks[self.index[name]]
-            if prefix == full or input_consumers & ~prefix or output_producers & prefix:
-                continue
-            crossing = []
-            for n in self.names_in(prefix):
-                for t in self.nodes[n].outputs:
-                    if any(not prefix >> self.index[c] & 1 for c in self.tensors[t].consumers):
-                        crossing.append(t)
-                        if len(crossing) > 1:
-                            break
-                if len(crossing) > 1:
-                    break
-            if len(crossing) == 1 and crossing[0] in self.nodes[name].outputs:
-                points.append(crossing[0])
-        return points
+        """Tensors that are, alone, all that passes from the part before them to the part after (Dag.cut_points),
+        with every model output leaving from the last part: the chain planner prices the hop back to the client
+        from the last segment only."""
+        return self.dag.cut_points(outputs_from_last_part=True)
 
     def segments(self) -> list[tuple[list[str], str | None]]:
         """The graph cut at every cut point: (operations, the tensor leaving them or None for the last)."""
-        segs, done = [], 0
-        for t in self.cut_points:
-            prefix = self.ancestor_masks[self.index[self.tensors[t].producer]]
-            segs.append((self.names_in(prefix & ~done), t))
-            done = prefix
-        full = (1 << len(self.order)) - 1
-        segs.append((self.names_in(full & ~done), None))
-        return segs
+        return self.dag.segments(self.cut_points)
 
     @property
     def total_cost(self) -> float:

@@ -23,11 +23,19 @@ from dataclasses import dataclass
 from splitinfer.planner.chain import Compression
 from splitinfer.planner.costmodel import CostModel, evaluate
 from splitinfer.planner.milp import plan_dag
-from splitinfer.planner.model import BrokerOverhead, Cluster, CostGraph, Link, PlanError, PowerProfile, Server
-from splitinfer.planner.plan import Plan
+from splitinfer.planner.model import (
+    BrokerOverhead,
+    Cluster,
+    CostGraph,
+    Link,
+    PlanError,
+    PowerProfile,
+    Server,
+    check_objective,
+)
+from splitinfer.planner.plan import Plan, unique_plans
 from splitinfer.planner.table import PlanTable, build_plan_table, pareto
 
-OBJECTIVES = ("latency", "energy", "throughput")
 STAND_IN_SPEED = 1e-9  # the client stand-in: an operation there would take ~forever, so no plan puts one there
 UNMEASURED_BANDWIDTH = 1e12  # bytes/s: a link too fast to measure (or not emulated) adds nothing per byte
 
@@ -142,8 +150,7 @@ def plan_deployment(graph: CostGraph, cluster: Cluster, objective: str = "latenc
     The chain plans are exact; each integer program (DAG placements that split parallel branches) contributes
     the best plan it has after `time_limit` seconds, so a deploy plans in about a second even for big graphs.
     Raises PlanError when no plan meets the SLA, naming the best latency on offer."""
-    if objective not in OBJECTIVES:
-        raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    check_objective(objective)
     if max_plans < 1:
         raise PlanError("max_plans must be at least 1")
     table = build_plan_table(graph, cluster, compression=compression, time_limit=time_limit)
@@ -153,10 +160,7 @@ def plan_deployment(graph: CostGraph, cluster: Cluster, objective: str = "latenc
             candidates.append(plan_dag(graph, cluster, "throughput", max_nodes=8, time_limit=time_limit))
         except PlanError:
             pass
-    unique: dict[tuple, Plan] = {}
-    for p in candidates:
-        unique.setdefault(p.key(), p)
-    candidates = list(unique.values())
+    candidates = unique_plans(candidates)
     within = [p for p in candidates if sla is None or p.latency <= sla]
     if not within:
         best = min(candidates, key=lambda p: p.latency)

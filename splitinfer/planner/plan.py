@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from splitinfer.planner.costmodel import CostModel, Prediction, evaluate
@@ -67,6 +67,21 @@ class Plan:
         return cls(**d)
 
 
+def dominates(a, b) -> bool:
+    """Whether plan (or DP label) `a` is no worse than `b` in latency, device energy and fidelity, and better in one."""
+    no_worse = a.latency <= b.latency and a.energy <= b.energy and a.fidelity >= b.fidelity
+    better = a.latency < b.latency or a.energy < b.energy or a.fidelity > b.fidelity
+    return no_worse and better
+
+
+def unique_plans(plans: Iterable[Plan]) -> list[Plan]:
+    """One plan per key (what runs where, and what is sent compressed): the first of each, in order."""
+    unique: dict[tuple, Plan] = {}
+    for p in plans:
+        unique.setdefault(p.key(), p)
+    return list(unique.values())
+
+
 def make_plan(
     graph: CostGraph,
     cluster: Cluster,
@@ -114,8 +129,6 @@ def parts_from_assignment(graph: CostGraph, assignment: Mapping[str, str]) -> li
                 lv = max(lv, level[p] + (assignment[p] != assignment[n]))
         level[n] = lv
     # one part per server if no server is reached twice
-    first_level: dict[str, int] = {}
-    per_server_ok = True
     span: dict[str, set[int]] = {}
     for n in graph.order:
         span.setdefault(assignment[n], set()).add(level[n])
@@ -142,8 +155,7 @@ def parts_from_assignment(graph: CostGraph, assignment: Mapping[str, str]) -> li
                 indeg[d] -= 1
                 if indeg[d] == 0:
                     ready.append(d)
-        per_server_ok = len(topo) == len(span)
-        if per_server_ok:
+        if len(topo) == len(span):
             rank = {s: i for i, s in enumerate(topo)}
             key = {n: (rank[assignment[n]], assignment[n]) for n in graph.order}
         else:
@@ -151,6 +163,5 @@ def parts_from_assignment(graph: CostGraph, assignment: Mapping[str, str]) -> li
     groups: dict[tuple, list[str]] = {}
     for n in graph.order:
         groups.setdefault(key[n], []).append(n)
-    first_level.clear()
     ordered = sorted(groups, key=lambda g: (g[0], graph.index[groups[g][0]]))
     return [(g[1], groups[g]) for g in ordered]

@@ -8,13 +8,7 @@ from dataclasses import dataclass, field
 from splitinfer.planner.chain import Compression, chain_pareto
 from splitinfer.planner.milp import plan_dag
 from splitinfer.planner.model import Cluster, CostGraph, PlanError
-from splitinfer.planner.plan import Plan
-
-
-def _dominates(a: Plan, b: Plan) -> bool:
-    no_worse = a.latency <= b.latency and a.energy <= b.energy and a.fidelity >= b.fidelity
-    better = a.latency < b.latency or a.energy < b.energy or a.fidelity > b.fidelity
-    return no_worse and better
+from splitinfer.planner.plan import Plan, dominates, unique_plans
 
 
 def pareto(plans: Iterable[Plan]) -> list[Plan]:
@@ -22,7 +16,7 @@ def pareto(plans: Iterable[Plan]) -> list[Plan]:
     plans = list(plans)
     seen: dict[tuple, Plan] = {}
     for p in sorted(plans, key=lambda p: (p.latency, p.energy, -p.fidelity, len(p.parts))):
-        if not any(_dominates(q, p) for q in plans):
+        if not any(dominates(q, p) for q in plans):
             seen.setdefault((p.latency, p.energy, p.fidelity), p)
     return list(seen.values())
 
@@ -99,10 +93,7 @@ def build_plan_table(
                 candidates += chain_pareto(graph, cluster, compression=compression, exclude=[down])
             except PlanError:
                 continue
-    unique: dict[tuple, Plan] = {}
-    for p in candidates:
-        unique.setdefault(p.key(), p)
-    candidates = list(unique.values())
+    candidates = unique_plans(candidates)
     base = pareto(candidates)
     kept: dict[tuple, Plan] = {p.key(): p for p in base}
     if fallbacks:

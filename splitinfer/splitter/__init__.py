@@ -1,19 +1,32 @@
-"""Cut a Keras model into parts that compose back exactly. Pure: imports no broker code."""
+"""Cut a Keras model into parts that compose back exactly. Pure: imports no broker code.
 
-from splitinfer.splitter.build import (
-    CompiledPart,
-    build_part,
-    load_part_model,
-    load_source_model,
-    parse_shape,
-    random_inputs,
-    run_parts,
-    save_split,
-    verify_split,
-)
-from splitinfer.splitter.graph import GraphNode, ModelGraph, SplitError, TensorInfo, model_hash
-from splitinfer.splitter.manifest import Manifest, PartEntry, PartOutput, TensorSpec
-from splitinfer.splitter.partition import PartSpec, balanced_cuts, split_at_cuts, split_by_groups
+The names below load on first use (PEP 562): the graph and the parts import TensorFlow, and what only reads a
+manifest, hashes a part file or parses a shape (`splitinfer.splitter.manifest`: the model pool, the servers'
+checks, the client) should not pay for it.
+"""
+
+from importlib import import_module
+
+_LAZY = {
+    "CompiledPart": "build", "build_part": "build", "load_part_model": "build", "load_source_model": "build",
+    "random_inputs": "build", "run_parts": "build", "save_split": "build",
+    "verify_split": "build",
+    "SplitError": "errors",
+    "GraphNode": "graph", "ModelGraph": "graph", "TensorInfo": "graph", "model_hash": "graph",
+    "Manifest": "manifest", "PartEntry": "manifest", "PartOutput": "manifest", "TensorSpec": "manifest",
+    "parse_shape": "manifest",
+    "PartSpec": "partition", "balanced_cuts": "partition", "split_at_cuts": "partition", "split_by_groups": "partition",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitinfer.splitter' has no attribute {name!r}")
+    value = getattr(import_module(f"splitinfer.splitter.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CompiledPart", "GraphNode", "Manifest", "ModelGraph", "PartEntry", "PartOutput", "PartSpec",

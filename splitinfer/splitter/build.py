@@ -12,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from splitinfer import _tf  # noqa: F401
+from splitinfer import _tf  # noqa: F401  (quiet TF before keras imports it)
 import keras
+import tensorflow as tf
 from keras import tree
+from keras.src.backend.common import global_state
 
-from splitinfer.splitter.graph import ModelGraph, RestoreMask, SplitError, error_line, model_hash
+from splitinfer.splitter.errors import SplitError
+from splitinfer.splitter.graph import ModelGraph, RestoreMask, error_line, model_hash
 from splitinfer.splitter.manifest import (
+    APPLICATIONS_PREFIX,
     SOURCE_FILE,
     Manifest,
     PartEntry,
@@ -25,31 +29,11 @@ from splitinfer.splitter.manifest import (
     SourceModel,
     TensorSpec,
     file_sha256,
+    parse_shape,
 )
 from splitinfer.splitter.partition import PartSpec
 
-APPLICATIONS_PREFIX = "keras.applications:"
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
-MAX_INPUT_ELEMENTS = 2**31 - 1  # per sample: TensorFlow kernels index tensors with int32
-
-
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    """`224x224x3` (or `224,224,3`) -> (224, 224, 3); None -> None (the model's own shape)."""
-    if text is None:
-        return None
-    if not text.strip():
-        raise SplitError("input shape is empty; give it like 224x224x3")
-    try:
-        shape = tuple(int(d) for d in re.split(r"[x,\s]+", text.strip()) if d)
-    except ValueError:
-        raise SplitError(f"input shape {text!r} is not a list of integers like 224x224x3") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise SplitError(f"input shape {text!r} must have positive dimensions")
-    if np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
-        raise SplitError(f"input shape {text!r} is too large: more than 2**31 elements per sample")
-    return shape
-
-
 def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed: int = 0) -> keras.Model:
     """A `.keras` file (loaded with safe_mode=True) or `keras.applications:NAME` built with weights=None."""
     if spec.startswith(APPLICATIONS_PREFIX):
@@ -63,7 +47,7 @@ def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed:
             with _fresh_auto_names():
                 return ctor(weights=None, input_shape=shape)
         except (ValueError, TypeError) as exc:
-            raise SplitError(f"cannot build {name} with input shape {shape}: {_first_line(exc)}") from None
+            raise SplitError(f"cannot build {name} with input shape {shape}: {error_line(exc)}") from None
     path = Path(spec)
     if not path.exists():
         raise SplitError(f"model file not found: {spec}")
@@ -74,7 +58,7 @@ def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed:
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:  # keras raises many types for a bad archive; one line is what the user needs
-        raise SplitError(f"cannot load {spec}: {_first_line(exc)}") from None
+        raise SplitError(f"cannot load {spec}: {error_line(exc)}") from None
     if input_shape is not None:
         model = _at_input_shape(model, tuple(input_shape), spec)
     return model
@@ -104,51 +88,43 @@ def _at_input_shape(model: keras.Model, shape: tuple[int, ...], spec: str) -> ke
         fixed = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
         fixed.set_weights(model.get_weights())
     except Exception as exc:  # noqa: BLE001 - a layer that cannot take this shape; one line is what the user needs
-        raise SplitError(f"cannot build {spec} with input shape {shape}: {_first_line(exc)}") from None
+        raise SplitError(f"cannot build {spec} with input shape {shape}: {error_line(exc)}") from None
     return fixed
 
 
 @contextlib.contextmanager
-def _fresh_auto_names():
-    """Build as a fresh process would: Keras numbers auto-named ops (`input_layer_14`, `add_3`) with a process-wide
-    counter, so without this the tensor names of `keras.applications:NAME` depend on what the process built before."""
-    from keras.src.backend.common import global_state
-
+def _auto_name_counters(uids):
+    """Keras numbers the ops it names on its own (`input_layer_14`, `add_3`) from process-wide counters: use `uids`
+    as those counters for the duration, then put the process's back."""
     saved = global_state.get_global_attribute("object_name_uids")
-    global_state.set_global_attribute("object_name_uids", collections.defaultdict(int))
+    global_state.set_global_attribute("object_name_uids", uids)
     try:
         yield
     finally:
         global_state.set_global_attribute("object_name_uids", saved)
 
 
-def _first_line(exc: BaseException) -> str:
-    return error_line(exc)
+def _fresh_auto_names():
+    """Build as a fresh process would, so that the tensor names of `keras.applications:NAME` do not depend on what
+    the process built before."""
+    return _auto_name_counters(collections.defaultdict(int))
 
 
 def _input_name(tensor: str) -> str:
     return "in_" + re.sub(r"[^A-Za-z0-9_]", "_", tensor)
 
 
-@contextlib.contextmanager
 def _auto_names_clear_of(names):
     """Keras names the ops it makes on its own (a layer's compute_mask: `not_equal`, `not_equal_1`) from a process-wide
     counter, which knows nothing of the names a loaded model already uses; a part holding both would be refused
     ("the name ... is used 2 times"). Move the counters past every name in `names` while a part is built."""
-    from keras.src.backend.common import global_state
-
-    saved = global_state.get_global_attribute("object_name_uids")
-    uids = collections.defaultdict(int, saved or {})
+    uids = collections.defaultdict(int, global_state.get_global_attribute("object_name_uids") or {})
     for name in names:
         uids[name] = max(uids[name], 1)
         m = re.fullmatch(r"(.+)_(\d+)", name)
         if m:
             uids[m.group(1)] = max(uids[m.group(1)], int(m.group(2)) + 1)
-    global_state.set_global_attribute("object_name_uids", uids)
-    try:
-        yield
-    finally:
-        global_state.set_global_attribute("object_name_uids", saved)
+    return _auto_name_counters(uids)
 
 
 def build_part(graph: ModelGraph, spec: PartSpec) -> keras.Model:
@@ -264,7 +240,7 @@ def load_part_model(path: Path, expected_sha256: str | None = None) -> keras.Mod
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:
-        raise SplitError(f"cannot load part {path}: {_first_line(exc)}") from None
+        raise SplitError(f"cannot load part {path}: {error_line(exc)}") from None
 
 
 class CompiledPart:
@@ -275,8 +251,6 @@ class CompiledPart:
     function refuses (another dtype or rank) go through the polymorphic function, which traces for them."""
 
     def __init__(self, model: keras.Model, input_names: Sequence[str], output_names: Sequence[str]):
-        import tensorflow as tf
-
         self.model = model
         self.input_names = list(input_names)
         self.output_names = list(output_names)
@@ -319,18 +293,23 @@ def run_parts(parts: Sequence[CompiledPart], inputs: Mapping[str, np.ndarray]) -
     return tensors
 
 
+def random_array(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
+    """A sample input: uniform in [0, 1) for floats, integers 0..9 for integers, 0 or 1 otherwise (bools)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.uniform(0.0, 1.0, size=shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 10, size=shape).astype(dtype)
+    return rng.integers(0, 2, size=shape).astype(dtype)
+
+
 def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """One random_array per spec at `batch` (unknown dimensions other than the batch are 1), seeded by `seed`."""
     rng = np.random.default_rng(seed)
     out = {}
     for spec in specs:
         shape = [batch if d is None and i == 0 else (d or 1) for i, d in enumerate(spec.shape)]
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            out[spec.name] = rng.uniform(0.0, 1.0, size=shape).astype(dtype)
-        elif dtype.kind in "iu":
-            out[spec.name] = rng.integers(0, 10, size=shape).astype(dtype)
-        else:
-            out[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        out[spec.name] = random_array(rng, shape, spec.dtype)
     return out
 
 
@@ -354,8 +333,6 @@ class _SourceCall:
     """The source model called as a whole, compiled like the parts, its flat outputs named as the manifest's."""
 
     def __init__(self, graph: ModelGraph, output_names: Sequence[str]):
-        import tensorflow as tf
-
         model = graph.model
         self.input_names = list(graph.inputs)
         self.output_names = list(output_names)

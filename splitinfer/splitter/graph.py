@@ -25,11 +25,13 @@ import numpy as np
 
 from splitinfer import _tf  # noqa: F401  (quiet TF before keras imports it)
 import keras
+import tensorflow as tf
 from keras import tree
+from keras.src.models.functional import Functional
+from keras.src.models.sequential import Sequential
 
-
-class SplitError(ValueError):
-    """A split that cannot be made; the message names the problem in one line."""
+from splitinfer.dag import Dag, DagQueries
+from splitinfer.splitter.errors import SplitError
 
 
 @dataclass
@@ -71,6 +73,15 @@ class GraphNode:
     def results(self) -> list[str]:
         """The tensors its call returns, in order (its outputs without the masks)."""
         return [t for t in self.outputs if t not in self.mask_outputs]
+
+    def weight_size(self) -> tuple[int, int]:
+        """(values, bytes) of its operation's weights; every call of a shared layer reports all of them."""
+        count = nbytes = 0
+        for w in getattr(self.operation, "weights", None) or []:
+            n = int(np.prod(w.shape, dtype=np.int64))
+            count += n
+            nbytes += n * np.dtype(str(getattr(w, "dtype", "float32"))).itemsize
+        return count, nbytes
 
 
 def _tensor_dtype(kt) -> str:
@@ -140,9 +151,6 @@ _ERROR_LINE = re.compile(r"^(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 
 def _functional_of(op):
     """The Functional graph behind a nested model, or None for an opaque operation."""
-    from keras.src.models.functional import Functional
-    from keras.src.models.sequential import Sequential
-
     if isinstance(op, Sequential):
         inner = getattr(op, "_functional", None)
         return inner if isinstance(inner, Functional) else None
@@ -151,8 +159,11 @@ def _functional_of(op):
     return None
 
 
-class ModelGraph:
-    """Nodes in topological order, tensors with producer and consumers, the model's inputs and outputs."""
+class ModelGraph(DagQueries):
+    """Nodes in topological order, tensors with producer and consumers, the model's inputs and outputs.
+
+    Its DAG queries (`order`, `index`, `ancestor_masks`, `crossing`, ...) are those of `dag` (splitinfer.dag), whose
+    sources are the input nodes."""
 
     def __init__(self, model: keras.Model):
         if _functional_of(model) is None:
@@ -183,6 +194,8 @@ class ModelGraph:
         if self._masked:
             self._add_masks()
         self._link()
+        self.dag = Dag([(n, node.unique_inputs, node.outputs) for n, node in self.nodes.items()],
+                       self.inputs, self.outputs)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -308,8 +321,6 @@ class ModelGraph:
         is traced once in a tf.function, as it runs, and a layer depends on the mask of an argument exactly when
         that argument carries one as the layer is called.
         """
-        import tensorflow as tf
-
         reads: dict[str, list[str]] = {}
         produced: dict[str, tuple[int, object]] = {}
 
@@ -359,14 +370,6 @@ class ModelGraph:
 
     # -- queries ------------------------------------------------------------------------------
 
-    @cached_property
-    def order(self) -> list[str]:
-        return list(self.nodes)
-
-    @cached_property
-    def index(self) -> dict[str, int]:
-        return {n: i for i, n in enumerate(self.order)}
-
     @property
     def compute_nodes(self) -> list[str]:
         return [n for n, node in self.nodes.items() if not node.is_input]
@@ -380,61 +383,10 @@ class ModelGraph:
     def input_nodes(self) -> list[str]:
         return [n for n, node in self.nodes.items() if node.is_input]
 
-    @cached_property
-    def ancestor_masks(self) -> list[int]:
-        """Bit i of entry j is set when node i is node j or one of its ancestors."""
-        masks: list[int] = []
-        for name in self.order:
-            m = 1 << self.index[name]
-            for t in self.nodes[name].unique_inputs:
-                m |= masks[self.index[self.tensors[t].producer]]
-            masks.append(m)
-        return masks
-
-    def mask_of(self, names) -> int:
-        m = 0
-        for n in names:
-            m |= 1 << self.index[n]
-        return m
-
-    def names_in(self, mask: int) -> list[str]:
-        return [n for i, n in enumerate(self.order) if mask >> i & 1]
-
-    def crossing(self, mask: int) -> list[str]:
-        """Tensors produced inside `mask` and consumed by a node outside it, in topological order."""
-        out = []
-        for name in self.order:
-            if not mask >> self.index[name] & 1:
-                continue
-            for t in self.nodes[name].outputs:
-                if any(not mask >> self.index[c] & 1 for c in self.tensors[t].consumers):
-                    out.append(t)
-        return out
-
     def cut_points(self) -> list[str]:
-        """Tensors that are, alone, everything live between the part before them and the part after.
-
-        Each one's producer and ancestors, with every model input, form a prefix from which no other
-        tensor crosses to the rest (so no model input is needed after it either; an input nothing
-        consumes does not count), and the rest still has compute to do.
-        """
-        all_inputs = self.mask_of(self.input_nodes)
-        full = (1 << len(self.order)) - 1
-        points = []
-        for name in self.order:
-            node = self.nodes[name]
-            if node.is_input:
-                continue
-            prefix = self.ancestor_masks[self.index[name]] | all_inputs
-            if prefix == full:
-                continue
-            rest = full & ~prefix
-            if not any(not self.nodes[n].is_input for n in self.names_in(rest)):
-                continue
-            crossing = self.crossing(prefix)
-            if len(crossing) == 1 and crossing[0] in node.outputs:
-                points.append(crossing[0])
-        return points
+        """Tensors that are, alone, everything live between the part before them and the part after
+        (Dag.cut_points); a model output may come out of a part before the last."""
+        return self.dag.cut_points(outputs_from_last_part=False)
 
     def model_inputs(self, values):
         """`values` (one per `self.inputs`, in order) in the structure the model is called with: a single tensor,

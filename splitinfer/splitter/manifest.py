@@ -1,16 +1,23 @@
-"""The deployment manifest: the one JSON document that says what each part takes, gives and who consumes it."""
+"""The deployment manifest: the one JSON document that says what each part takes, gives and who consumes it.
+Loads without TensorFlow, like the shape parsing and file hashing next to it."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError
+
+from splitinfer.splitter.errors import SplitError
 
 MANIFEST_FORMAT = "splitinfer.manifest"
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SOURCE_FILE = "source.keras"
+APPLICATIONS_PREFIX = "keras.applications:"  # a source model's origin: a .keras path, or this + a keras.applications name
+MAX_INPUT_ELEMENTS = 2**31 - 1  # per sample: TensorFlow kernels index tensors with int32
 
 
 class TensorSpec(BaseModel):
@@ -70,8 +77,6 @@ class Manifest(BaseModel):
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
-        from splitinfer.splitter.graph import SplitError
-
         path = Path(directory)
         if path.is_dir():
             path = path / MANIFEST_FILE
@@ -105,8 +110,26 @@ class Manifest(BaseModel):
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """`224x224x3` (or `224,224,3`) -> (224, 224, 3); None -> None (the model's own shape)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise SplitError("input shape is empty; give it like 224x224x3")
+    try:
+        shape = tuple(int(d) for d in re.split(r"[x,\s]+", text.strip()) if d)
+    except ValueError:
+        raise SplitError(f"input shape {text!r} is not a list of integers like 224x224x3") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise SplitError(f"input shape {text!r} must have positive dimensions")
+    if np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
+        raise SplitError(f"input shape {text!r} is too large: more than 2**31 elements per sample")
+    return shape

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from splitinfer.splitter.graph import ModelGraph, SplitError
+from splitinfer.splitter.errors import SplitError
+
+if TYPE_CHECKING:  # the graph is built by whoever calls; this module loads without TensorFlow
+    from splitinfer.splitter.graph import ModelGraph
 
 
 @dataclass
@@ -18,21 +22,10 @@ class PartSpec:
 
 def _finish(graph: ModelGraph, groups: list[list[str]]) -> list[PartSpec]:
     """Name the groups part0..partN and fill their inputs/outputs from the graph's edges."""
-    owner = {n: i for i, g in enumerate(groups) for n in g}
-    finals = set(graph.outputs)
-    parts = []
-    for i, nodes in enumerate(groups):
-        inputs: dict[str, None] = {}
-        outputs: dict[str, None] = {}
-        for n in nodes:
-            for t in graph.nodes[n].unique_inputs:
-                if owner.get(graph.tensors[t].producer) != i:
-                    inputs[t] = None
-            for t in graph.nodes[n].outputs:
-                info = graph.tensors[t]
-                if t in finals or any(owner.get(c) != i for c in info.consumers):
-                    outputs[t] = None
-        parts.append(PartSpec(f"part{i}", list(nodes), list(inputs), list(outputs)))
+    parts = [
+        PartSpec(f"part{i}", list(nodes), inputs, outputs)
+        for i, (nodes, (inputs, outputs)) in enumerate(zip(groups, graph.dag.boundaries(groups)))
+    ]
     # A model input that is also a final output is handed on by the first part taking it (part0 if none does),
     # so every final output comes out of some part.
     for t in dict.fromkeys(graph.outputs):
@@ -92,21 +85,17 @@ def split_at_cuts(graph: ModelGraph, frontiers: Sequence[str | Sequence[str]]) -
     The part before a frontier is its tensors' producers with every ancestor; a frontier that does not
     account for every tensor crossing that boundary does not separate the graph and is refused.
     """
-    full = (1 << len(graph.order)) - 1
-    inputs_mask = graph.mask_of(graph.input_nodes)
     prefixes: list[tuple[int, list[str]]] = []
     for frontier in frontiers:
         tensors = [t.strip() for t in frontier.split("+")] if isinstance(frontier, str) else list(frontier)
         if not tensors:
             raise SplitError("empty cut")
         label = "+".join(tensors)
-        prefix = inputs_mask
         infos = [graph.tensor(t) for t in tensors]
         if all(graph.nodes[info.producer].is_input for info in infos):
             # A model input may be live across a cut (joined with +), but cannot be the cut on its own.
             raise SplitError(f"tensor {tensors[0]!r} is a model input; a cut must come after an operation")
-        for info in infos:
-            prefix |= graph.ancestor_masks[graph.index[info.producer]]
+        prefix = graph.dag.prefix(tensors)
         crossing = graph.crossing(prefix)
         extra = [t for t in crossing if t not in tensors]
         if extra:
@@ -115,7 +104,7 @@ def split_at_cuts(graph: ModelGraph, frontiers: Sequence[str | Sequence[str]]) -
                 f"cut at {label} does not separate the graph: {', '.join(extra[:3])}{more} also cross it "
                 f"(see `splitinfer cuts` for valid cut points, or cut at {'+'.join([*tensors, *extra])})"
             )
-        if not [n for n in graph.names_in(full & ~prefix) if not graph.nodes[n].is_input]:
+        if prefix == graph.dag.full:  # the prefix holds every input node, so any rest would be operations
             raise SplitError(f"cut at {label} leaves nothing to run after it")
         prefixes.append((prefix, tensors))
     prefixes.sort(key=lambda p: bin(p[0]).count("1"))
@@ -127,11 +116,7 @@ def split_at_cuts(graph: ModelGraph, frontiers: Sequence[str | Sequence[str]]) -
                 f"cuts {'+'.join(ta)} and {'+'.join(tb)} lie on parallel branches; cut them together as "
                 f"{'+'.join([*ta, *tb])}"
             )
-    groups, done = [], inputs_mask
-    for prefix in [p for p, _ in prefixes] + [full]:
-        groups.append([n for n in graph.names_in(prefix & ~done)])
-        done = prefix
-    return _finish(graph, groups)
+    return _finish(graph, graph.dag.parts_between([p for p, _ in prefixes]))
 
 
 BALANCE_SLACK = 0.05  # a part may cost this much more than in the best balance, if fewer bytes cross the cuts
@@ -157,7 +142,7 @@ def balanced_cuts(graph: ModelGraph, costs: Mapping[str, float], n_parts: int, s
     total = sum(weight)
 
     def prefix_cost(t: str) -> float:
-        mask = graph.ancestor_masks[graph.index[graph.tensors[t].producer]]
+        mask = graph.upstream(t)
         return sum(w for i, w in enumerate(weight) if mask >> i & 1)
 
     cum = [0.0] + [prefix_cost(t) for t in points] + [total]

@@ -1,4 +1,5 @@
-"""One place for configuration: SPLITINFER_* environment variables or a .env-style file."""
+"""Process settings: SPLITINFER_* environment variables (pydantic-settings). Every actor, the Client and the CLI read
+them; a test or a scratch cluster passes a modified copy (`settings.model_copy(update=...)`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = 64 * 1024 * 1024
     verify_tolerance: float = 1e-4
 
-    # --- actor runtime (CORE: actors/base.py, model_server.py, registry.py, model_pool.py)
+    # --- actor runtime
     heartbeat_interval_s: float = 2.0       # actors push a Heartbeat on <ns>.control this often
     liveness_timeout_s: float = 6.0         # the registry calls an actor dead after this long without one
     prefetch: int = 32                      # unacked deliveries per consumer (must exceed the join buffer's needs)
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
     # A job with no deadline of its own gets this one (seconds from submission).
     job_deadline_s: float = Field(default=30.0, gt=0)
 
-    # --- sites, link emulation, monitors (issue 5: splitinfer.monitor.links / runtime, actors/monitors.py)
+    # --- sites, link emulation, monitors (monitor/links.py, actors/monitors.py)
     # Off by default. On: a tensor that crosses from site A to site B waits, at its receiver, RTT + bytes/bandwidth
     # of link "A-B" (the planner's hop cost), transfers on one directed link in FIFO order.
     emulate_links: bool = False
@@ -63,7 +64,7 @@ class Settings(BaseSettings):
     probe_rounds: int = Field(default=3, ge=1)               # probes of each size per measurement (median)
     memory_limit_mb: float | None = Field(default=None, gt=0)  # a model server: weights it may hold (planner)
 
-    # --- optimizer (issue 5: actors/optimizer.py, planner/optimize.py)
+    # --- optimizer (actors/optimizer, planner/optimize.py)
     # One RabbitMQ hop of a tensor as the planner charges it (DESIGN.md: about 0.7 ms + 2.5 ms per MB here).
     broker_per_message_ms: float = Field(default=0.7, ge=0)
     broker_per_mb_ms: float = Field(default=2.5, ge=0)

@@ -129,12 +129,12 @@ def hops_and_bytes(cost_graph, alt: Alternative) -> tuple[int, float]:
 async def run(args, console: Console) -> dict:
     import numpy as np
 
-    from splitinfer.actors.supervisor import ClusterConfig
-    from splitinfer.cli.runtime_cmds import ClusterRun
-    from splitinfer.actors.client import Client
+    from splitinfer.config import ClusterConfig
+    from splitinfer.harness import ClusterRun
+    from splitinfer.client import Client
     from splitinfer.monitor import profile_model
     from splitinfer.planner import BrokerOverhead, cost_graph_from_profile, plan_chain
-    from splitinfer.settings import get_settings
+    from splitinfer.config import get_settings
     from splitinfer.splitter import ModelGraph, load_source_model, save_split, split_by_groups
 
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
@@ -193,7 +193,7 @@ async def run(args, console: Console) -> dict:
                         alt.deployment, alt.input_name = dep.deployment, dep.inputs[0]
                         progress.advance(task)
                 if local is None:
-                    from splitinfer.cli.runtime_cmds import local_runner
+                    from splitinfer.harness import local_runner
 
                     first = next(iter(alts))
                     local = await asyncio.to_thread(

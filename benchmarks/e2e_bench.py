@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from splitinfer.cli.runtime_cmds import (
+from splitinfer.harness import (
     ClusterRun,
     hop_summary,
     local_runner,
@@ -35,8 +35,8 @@ from splitinfer.cli.runtime_cmds import (
     measure_local,
     percentile,
 )
-from splitinfer.actors.client import Client
-from splitinfer.settings import get_settings
+from splitinfer.client import Client
+from splitinfer.config import get_settings
 
 LATENCY_TARGET = 1.3
 

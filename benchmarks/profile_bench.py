@@ -35,7 +35,7 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
 def in_process(model_spec: str, parts: int, cache_dir: str) -> dict:
     from splitinfer import _tf  # noqa: F401
     from splitinfer.monitor.machine import apply_threads
-    from splitinfer.settings import get_settings
+    from splitinfer.config import get_settings
 
     settings = get_settings()
     apply_threads(settings.intra_op_threads, settings.inter_op_threads)

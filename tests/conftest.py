@@ -39,7 +39,7 @@ def pytest_sessionfinish(session, exitstatus):
     """Delete what this run left on the broker (exchanges never expire by themselves)."""
     import asyncio
 
-    from splitinfer.actors.topology import delete_namespace
-    from splitinfer.settings import Settings
+    from splitinfer.actors.transport.topology import delete_namespace
+    from splitinfer.config import Settings
 
     asyncio.run(delete_namespace(Settings().broker_url, RUN_PREFIX))

@@ -31,9 +31,9 @@ import pytest
 
 aio_pika = pytest.importorskip("aio_pika")
 
-from splitinfer.actors.client import Client  # noqa: E402
+from splitinfer.client import Client  # noqa: E402
 from splitinfer.monitor.links import MBIT  # noqa: E402
-from splitinfer.settings import Settings  # noqa: E402
+from splitinfer.config import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

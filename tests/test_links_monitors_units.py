@@ -11,7 +11,7 @@ from splitinfer.messages import (ClusterState, GetState, LinkReport, LinkSpec, L
                                  SetLinks, decode, encode)
 from splitinfer.monitor.links import MBIT, LinkEmulator, LinkParams, LinkTable, estimate_link, link_params
 from splitinfer.monitor.runtime import BatterySim, system_load
-from splitinfer.settings import Settings
+from splitinfer.config import Settings
 
 
 def test_link_delay_is_the_planner_hop_cost():
@@ -99,7 +99,8 @@ def test_settings_and_cluster_toml_carry_links_slowdown_power(tmp_path, monkeypa
     monkeypatch.setenv("SPLITINFER_EMULATE_LINKS", "true")
     s = Settings()
     assert s.emulate_links and s.links["device-edge"] == LinkSpec(rtt_ms=40, bandwidth_mbps=20)
-    from splitinfer.actors.supervisor import ClusterConfig, ClusterError, plan_actors
+    from splitinfer.actors.supervisor import plan_actors
+    from splitinfer.config import ClusterConfig, ConfigError
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('emulate_links = true\nfront_end_site = "device"\n'
@@ -118,7 +119,7 @@ def test_settings_and_cluster_toml_carry_links_slowdown_power(tmp_path, monkeypa
     assert "state_pool" in argv
     assert ClusterConfig().link_env() == {}  # nothing given: actors keep their defaults (emulation off)
     cfg.write_text('[links]\ndevice = {rtt_ms = 1}\n')
-    with pytest.raises(ClusterError, match="siteA-siteB"):
+    with pytest.raises(ConfigError, match="siteA-siteB"):
         ClusterConfig.load(cfg)
 
 
@@ -134,12 +135,11 @@ def test_new_messages_round_trip():
 def test_emulated_slowdown_scales_the_typical_call_not_one_spike():
     """A 10x slower device: a call that the shared machine stalled (50 ms instead of 10) is not stretched to
     500 ms; the extra idle time follows the median of the part's recent calls, per batch size."""
-    from splitinfer.actors.model_server import EmulatedSlowdown
+    from splitinfer.actors.model_server.runner import EmulatedSlowdown
 
-    slow = EmulatedSlowdown(10.0)
-    key = ("dep", "part0", 1)
-    assert slow.extra_s(key, 0.010) == pytest.approx(0.090)
-    assert slow.extra_s(key, 0.010) == pytest.approx(0.090)
-    assert slow.extra_s(key, 0.050) == pytest.approx(0.090)  # median of 10, 10, 50 ms
-    assert slow.extra_s(("dep", "part0", 4), 0.030) == pytest.approx(0.270)  # a batch of 4 has its own history
-    assert EmulatedSlowdown(1.0).extra_s(key, 0.010) == 0.0
+    slow = EmulatedSlowdown(10.0)  # one per hosted part, keyed by batch size
+    assert slow.extra_s(1, 0.010) == pytest.approx(0.090)
+    assert slow.extra_s(1, 0.010) == pytest.approx(0.090)
+    assert slow.extra_s(1, 0.050) == pytest.approx(0.090)  # median of 10, 10, 50 ms
+    assert slow.extra_s(4, 0.030) == pytest.approx(0.270)  # a batch of 4 has its own history
+    assert EmulatedSlowdown(1.0).extra_s(1, 0.010) == 0.0

@@ -161,7 +161,7 @@ def test_parse_duration():
 
 
 def test_server_watch_calls_silent_deregistered_and_unheard_servers_down():
-    from splitinfer.actors.front_end import ServerWatch
+    from splitinfer.actors.front_end.watch import ServerWatch
     from splitinfer.messages import ServerState
 
     w = ServerWatch(timeout_s=6.0)
@@ -189,7 +189,7 @@ def test_plan_cli_offline_json_and_one_line_errors(tmp_path):
                    'power = {compute_w = 5.0, radio_w = 0.5, idle_w = 0.1}\n'
                    '[[servers]]\nid = "cloud1"\nsite = "cloud"\n'
                    '[links]\ndevice-cloud = {rtt_ms = 5, bandwidth_mbps = 100}\n')
-    r = _cli("plan", "keras.applications:MobileNetV3Small", "--input-shape", "96x96x3", "--cluster", str(cfg),
+    r = _cli("plan", "keras.applications:MobileNetV3Small", "--input-shape", "96x96x3", "--config", str(cfg),
              "--objective", "energy", "--json")
     assert r.returncode == 0, r.stderr
     table = json.loads(r.stdout)
@@ -202,7 +202,7 @@ def test_plan_cli_offline_json_and_one_line_errors(tmp_path):
         (["--sla", "0.001ms"], "no plan meets the SLA"),
         (["--objective", "cheapest"], "--objective"),
         (["--sla", "soon"], "--sla"),
-        (["--cluster", str(tmp_path / "missing.toml")], "not found"),
+        (["--config", str(tmp_path / "missing.toml")], "not found"),
     ]:
         r = _cli("plan", "keras.applications:MobileNetV3Small", "--input-shape", "96x96x3", *args)
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]

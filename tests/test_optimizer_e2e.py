@@ -23,13 +23,12 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 
-from splitinfer.actors.base import Actor  # noqa: E402
-from splitinfer.actors.client import Client, ClientError  # noqa: E402
-from splitinfer.actors.registry import who_hosts  # noqa: E402
-from splitinfer.actors.result_store import ResultStore  # noqa: E402
-from splitinfer.actors.topology import declare_control_queue  # noqa: E402
+from splitinfer.actors.actor import Actor  # noqa: E402
+from splitinfer.client import Client, ClientError  # noqa: E402
+from splitinfer.actors.result_store.store import ResultStore  # noqa: E402
+from splitinfer.actors.transport.topology import declare_control_queue  # noqa: E402
 from splitinfer.messages import LoadPart, Reply, ServerState, UnloadPart  # noqa: E402
-from splitinfer.settings import Settings  # noqa: E402
+from splitinfer.config import Settings  # noqa: E402
 from tests.up_cluster import up_cluster  # noqa: E402
 
 MODEL = "keras.applications:MobileNetV3Small"
@@ -131,8 +130,8 @@ def test_deploy_gives_a_plan_table_whose_every_plan_serves(cluster, deployed):
             listed = await c.deployments()
             hosted = {}
             for pid, dep in deployed["deployments"].items():
-                hosts = await who_hosts(c, deployment=dep)
-                hosted[pid] = sorted((ref.part, a.actor_id) for a in hosts.actors for ref in a.parts
+                hosts = await c.registry.who_hosts(deployment=dep)
+                hosted[pid] = sorted((ref.part, a.actor_id) for a in hosts for ref in a.parts
                                      if ref.deployment == dep)
             return listed, await c.models(), hosted
         finally:
@@ -227,10 +226,10 @@ class FaultyServer(Actor):
 
         async def on(message):
             msg = self.decode(message, expect=(LoadPart, UnloadPart))
-            await self.ack(message)
+            await self.deliveries.ack(message)
             self.orders.append(f"{msg.TYPE} {msg.deployment}/{msg.part}")
             ok = isinstance(msg, UnloadPart)
-            await self.reply(message, Reply(ok=ok, message="unloaded" if ok else "no space left on device"))
+            await self.rpc.reply(message, Reply(ok=ok, message="unloaded" if ok else "no space left on device"))
 
         await self.consume(q, on)
 
@@ -256,8 +255,8 @@ def test_deploy_errors_leave_nothing_half_deployed(cluster, deployed):
                     await c.deploy_model(MODEL, f"bad-{label}", input_shape=list(SHAPE), timeout=300, **kw)
                 errors[label] = str(err.value)
             after = (sorted(await c.deployments()), sorted(await c.models()))
-            hosts = await who_hosts(c)
-            hosted = [ref.deployment for a in hosts.actors for ref in a.parts if ref.deployment.startswith("bad-")]
+            hosts = await c.registry.who_hosts()
+            hosted = [ref.deployment for a in hosts for ref in a.parts if ref.deployment.startswith("bad-")]
             return before, after, errors, hosted, list(faulty.orders)
         finally:
             await faulty.stop()
@@ -279,8 +278,8 @@ def test_undeploy_removes_every_plan(cluster, deployed):
             message = await c.undeploy(NAME)
             end = time.monotonic() + 10  # servers tell the registry as they drop their parts
             while True:
-                hosts = await who_hosts(c)
-                left = [ref.deployment for a in hosts.actors for ref in a.parts
+                hosts = await c.registry.who_hosts()
+                left = [ref.deployment for a in hosts for ref in a.parts
                         if ref.deployment.startswith(f"{NAME}:")]
                 if not left or time.monotonic() > end:
                     break

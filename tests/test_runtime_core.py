@@ -32,10 +32,13 @@ import pytest
 
 aio_pika = pytest.importorskip("aio_pika")
 
-from splitinfer.actors.base import Actor  # noqa: E402
-from splitinfer.actors.topology import Names  # noqa: E402
+from splitinfer.actors.actor import Actor  # noqa: E402
+from splitinfer.actors.model_pool.client import PoolClient  # noqa: E402
+from splitinfer.actors.model_server.client import ServerOrders  # noqa: E402
+from splitinfer.actors.registry.client import RegistryClient  # noqa: E402
+from splitinfer.actors.transport.topology import Names  # noqa: E402
 from splitinfer.messages import ErrorResult, TensorMessage, decode, encode  # noqa: E402
-from splitinfer.settings import Settings  # noqa: E402
+from splitinfer.config import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -214,7 +217,7 @@ class Driver(Actor):
         self.deployment = deployment
         self.manifest = manifest
         self.finals: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-        self.deliveries: collections.Counter = collections.Counter()  # (request, tensor) -> times received
+        self.received: collections.Counter = collections.Counter()  # (request, tensor) -> times received
         self.errors: list[ErrorResult] = []
         self.waiters: dict[str, asyncio.Future] = {}
         self.answered: collections.Counter = collections.Counter()
@@ -228,7 +231,7 @@ class Driver(Actor):
 
     async def _on_message(self, message) -> None:
         msg = decode(message.body)
-        await self.ack(message)
+        await self.deliveries.ack(message)
         if isinstance(msg, ErrorResult):
             self.errors.append(msg)
             fut = self.waiters.get(msg.job_id or "")
@@ -237,7 +240,7 @@ class Driver(Actor):
             return
         assert isinstance(msg, TensorMessage)
         rid = msg.request_id
-        self.deliveries[(rid, msg.tensor)] += 1
+        self.received[(rid, msg.tensor)] += 1
         if msg.tensor in self.finals[rid]:
             return  # a redelivered duplicate: the first result wins
         self.finals[rid][msg.tensor] = msg.array
@@ -249,7 +252,7 @@ class Driver(Actor):
 
     async def send(self, rid: str, inputs: dict[str, np.ndarray]) -> None:
         for name, arr in inputs.items():
-            await self.publish("tensors", self.names.tensor_key(self.deployment, name),
+            await self.publisher.publish("tensors", self.names.tensor_key(self.deployment, name),
                                TensorMessage(request_id=rid, deployment=self.deployment, tensor=name, array=arr),
                                headers={"request_id": rid})
 
@@ -301,8 +304,6 @@ def _no_duplicates(driver: Driver) -> None:
 def test_mobilenetv3_five_parts_five_processes_via_pool(mnv3_split, cluster_factory, namespace, tmp_path):
     """Servers start empty; the split goes to the model pool; LoadPart orders make each server fetch its part
     over the broker (no shared disk) and serve it."""
-    from splitinfer.actors.model_pool import send_load_orders, upload_split
-    from splitinfer.actors.registry import who_hosts
     from splitinfer.splitter.manifest import Manifest
 
     manifest = Manifest.load(mnv3_split)
@@ -322,12 +323,13 @@ def test_mobilenetv3_five_parts_five_processes_via_pool(mnv3_split, cluster_fact
         driver = Driver(_settings(namespace), "mnv3", manifest)
         await driver.start()
         try:
-            dep = await upload_split(driver, mnv3_split, "mnv3")
+            dep = await PoolClient(driver.rpc, driver.settings.pool_chunk_bytes).upload_split(mnv3_split, "mnv3")
             assert dep == "mnv3"
-            replies = await send_load_orders(driver, dep, {p.name: [f"s{i}"] for i, p in enumerate(manifest.parts)})
+            orders = ServerOrders(driver.rpc, driver.names)
+            replies = await orders.load(dep, {p.name: [f"s{i}"] for i, p in enumerate(manifest.parts)})
             assert all(r.ok for r in replies.values()), replies
-            hosts = await who_hosts(driver, deployment=dep)
-            hosting = {a.actor_id: [p.part for p in a.parts] for a in hosts.actors}
+            hosts = await RegistryClient(driver.rpc).who_hosts(deployment=dep)
+            hosting = {a.actor_id: [p.part for p in a.parts] for a in hosts}
             assert hosting == {f"s{i}": [f"part{i}"] for i in range(5)}
             t0 = time.perf_counter()
             results = await driver.run_many(xs, concurrency=8, prefix="m")
@@ -335,7 +337,7 @@ def test_mobilenetv3_five_parts_five_processes_via_pool(mnv3_split, cluster_fact
             await asyncio.sleep(0.5)  # anything late would be a duplicate
             worst = _check_outputs(results, ref, "m", 1e-5)
             _no_duplicates(driver)
-            assert set(driver.deliveries.values()) == {1}, "a final output was delivered twice"
+            assert set(driver.received.values()) == {1}, "a final output was delivered twice"
             assert not driver.errors, driver.errors[:3]
             print(f"\n100 requests over 5 processes in {elapsed:.2f}s, max abs error {worst:.2e}")
         finally:
@@ -426,22 +428,21 @@ def test_kill9_join_replica_in_flight(dag_split, cluster_factory, namespace):
             _check_outputs(results, ref, "k", 1e-5)
             _no_duplicates(driver)
             assert not driver.errors, driver.errors[:3]
-            dups = sum(n - 1 for n in driver.deliveries.values())
+            dups = sum(n - 1 for n in driver.received.values())
             print(f"\nkilled j0 after {killed_at[0]} answers; {dups} duplicate final deliveries (first wins)")
             assert cluster.procs["j0"].wait(5) == -signal.SIGKILL
             # the registry notices: no heartbeat from j0 within the liveness timeout (3 s here)
-            from splitinfer.actors.registry import who_hosts
-
+            registry = RegistryClient(driver.rpc)
             deadline = time.time() + 15
             while True:
-                hosts = await who_hosts(driver, deployment="dag", part="part3", include_dead=True)
-                alive = {a.actor_id: a.alive for a in hosts.actors}
+                hosts = await registry.who_hosts(deployment="dag", part="part3", include_dead=True)
+                alive = {a.actor_id: a.alive for a in hosts}
                 if alive.get("j0") is False or time.time() > deadline:
                     break
                 await asyncio.sleep(0.5)
             assert alive == {"j0": False, "j1": True}, alive
-            live = await who_hosts(driver, deployment="dag", part="part3")
-            assert [a.actor_id for a in live.actors] == ["j1"]
+            live = await registry.who_hosts(deployment="dag", part="part3")
+            assert [a.actor_id for a in live] == ["j1"]
             # j0 comes back (as a supervisor would restart it): j1 gives its queue back, j0 serves again
             cluster.start("j0b", "model_server", "--id", "j0", *common, "--part", "part3@0/2")
             await asyncio.to_thread(cluster.wait_for, "j0b", "part_loaded")
@@ -500,13 +501,13 @@ def test_bad_messages_get_error_results_and_dead_letter(dag_split, cluster_facto
             await driver.send("ok3", {"img:0": xs[3:4]})
             key = names.tensor_key("dag", "img:0")
             # malformed: not msgpack at all
-            await driver.publish("tensors", key, b"\xc1\xff not msgpack", headers={"request_id": "bad-malformed"})
+            await driver.publisher.publish("tensors", key, b"\xc1\xff not msgpack", headers={"request_id": "bad-malformed"})
             # wrong shape: a valid message whose tensor is 8x8 instead of 16x16
             await driver.send("bad-shape", {"img:0": np.zeros((1, 8, 8, 3), np.float32)})
             # oversized: a 16x160x160x3 float32 tensor (4.9 MB) against a 200 kB limit
             await driver.send("bad-big", {"img:0": np.zeros((16, 160, 160, 3), np.float32)})
             # a join input whose partner never comes: join timeout (2 s here)
-            await driver.publish("tensors", names.tensor_key("dag", "branch_a:0"),
+            await driver.publisher.publish("tensors", names.tensor_key("dag", "branch_a:0"),
                                  TensorMessage(request_id="bad-lonely", deployment="dag", tensor="branch_a:0",
                                                array=np.zeros((1, 16, 16, 8), np.float32)),
                                  headers={"request_id": "bad-lonely"})
@@ -518,7 +519,7 @@ def test_bad_messages_get_error_results_and_dead_letter(dag_split, cluster_facto
             driver.waiters.update(waits)
             for tensor in ("branch_a:0", "branch_b:0"):
                 for rid in waits:
-                    await driver.publish("tensors", names.tensor_key("dag", tensor),
+                    await driver.publisher.publish("tensors", names.tensor_key("dag", tensor),
                                          TensorMessage(request_id=rid, deployment="dag", tensor=tensor,
                                                        array=np.ones((1, 16, 16, 8), np.float32)),
                                          headers={"request_id": rid})
@@ -545,7 +546,7 @@ def test_bad_messages_get_error_results_and_dead_letter(dag_split, cluster_facto
                 dead.append((m.headers or {}).get("request_id"))
             assert sorted(dead) == sorted(["bad-malformed", "bad-shape", "bad-big", "bad-lonely"]), dead
             _check_outputs({**before, **{f"ok{10 + int(k[3:])}": v for k, v in after.items()}}, ref, "ok", 1e-5)
-            assert driver.deliveries[("ok3", "head:0")] == 1
+            assert driver.received[("ok3", "head:0")] == 1
         finally:
             await driver.stop()
 
@@ -661,7 +662,7 @@ def test_compressed_cuts_travel_smaller_and_come_back_as_the_models_dtype(dag_sp
             # the int8 stem without its scale: refused with a clear error, dead-lettered; the server goes on
             bad = TensorMessage(request_id="c-noscale", deployment="cdag", tensor="stem:0",
                                 array=np.zeros((1, 16, 16, 8), np.int8), codec="int8")
-            await driver.publish("tensors", driver.names.tensor_key("cdag", "stem:0"), bad,
+            await driver.publisher.publish("tensors", driver.names.tensor_key("cdag", "stem:0"), bad,
                                  headers={"request_id": "c-noscale"})
             again = await driver.run_many(xs[:3], concurrency=2, prefix="c2")
             assert set(again) == {"c20", "c21", "c22"}

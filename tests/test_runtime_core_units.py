@@ -10,12 +10,17 @@ import aio_pika
 import numpy as np
 import pytest
 
-from splitinfer.actors.base import Actor, ActorStopped
-from splitinfer.actors.model_pool import ModelPool, PoolError, chunk_layout, fetch_deployment
-from splitinfer.actors.registry import Registry, who_hosts
-from splitinfer.actors.topology import Names, escape_key, unescape_key
+from splitinfer.actors.actor import Actor
+from splitinfer.actors.transport import RemoteError, Stopped
+from splitinfer.actors.model_pool.actor import ModelPool
+from splitinfer.actors.model_pool.client import PoolClient, PoolError
+from splitinfer.actors.model_pool.store import chunk_layout
+from splitinfer.actors.registry.actor import Registry
+from splitinfer.actors.registry.client import RegistryClient
+from splitinfer.actors.transport.topology import Names, escape_key, unescape_key
 from splitinfer.messages import ErrorResult, PartChunk, PartRequest, PoolManifest, Reply, decode
-from splitinfer.settings import Settings
+from splitinfer.splitter.manifest import Manifest, PartEntry, SourceModel
+from splitinfer.config import Settings
 
 from tests.test_runtime_core import pytestmark  # noqa: F401  (skip without a broker)
 
@@ -85,20 +90,20 @@ def test_rpc_fails_pending_on_stop_and_handler_errors_are_dead_lettered(namespac
             errors = await listener.channel.declare_queue(exclusive=True)
             await errors.bind(listener.exchanges["results"], "#")
             # a handler that raises: error result + dead letter, and the actor keeps going
-            await listener.publish("control", "boom", Reply(message="x"), headers={"request_id": "job-7"})
+            await listener.publisher.publish("control", "boom", Reply(message="x"), headers={"request_id": "job-7"})
             got = await _get(errors)
             err = decode(got.body)
             assert isinstance(err, ErrorResult) and err.job_id == "job-7" and err.code == "internal"
             assert "handler bug" in err.message and err.where == "silent"
             dead = await listener.channel.declare_queue(listener.names.dead, passive=True)
             assert (await _get(dead)).headers["request_id"] == "job-7"
-            # an RPC whose answer never comes fails with ActorStopped when the caller stops (no hang)
+            # an RPC whose answer never comes fails with Stopped when the caller stops (no hang)
             hang = await listener.channel.declare_queue(f"{namespace}.nobody", auto_delete=True)
             await hang.bind(listener.exchanges["control"], "nobody.home")
-            waiter = asyncio.ensure_future(listener.rpc("nobody.home", Reply(), timeout=30))
+            waiter = asyncio.ensure_future(listener.rpc.call("nobody.home", Reply(), timeout=30))
             await asyncio.sleep(0.3)
             await listener.stop()
-            with pytest.raises(ActorStopped):
+            with pytest.raises(Stopped):
                 await asyncio.wait_for(waiter, 5)
         finally:
             await silent.stop()
@@ -125,18 +130,19 @@ def test_registry_liveness_and_deregister(namespace):
             await x.start()
         try:
             await asyncio.sleep(0.8)
-            ids = {x.actor_id for x in (await who_hosts(client)).actors}
+            registry = RegistryClient(client.rpc)
+            ids = {x.actor_id for x in await registry.who_hosts()}
             assert {"a", "b", "client"} <= ids
             # b goes silent without saying goodbye (its heartbeat task dies as with kill -9)
             for t in list(b._tasks):
                 t.cancel()
             await asyncio.sleep(1.3)  # dead after 1 s of silence, forgotten after 2 s
-            hosts = {x.actor_id: x.alive for x in (await who_hosts(client, include_dead=True)).actors}
+            hosts = {x.actor_id: x.alive for x in await registry.who_hosts(include_dead=True)}
             assert hosts["b"] is False and hosts["a"] is True
-            assert "b" not in {x.actor_id for x in (await who_hosts(client)).actors}
+            assert "b" not in {x.actor_id for x in await registry.who_hosts()}
             await a.stop()  # a deregisters
             await asyncio.sleep(0.3)
-            assert "a" not in {x.actor_id for x in (await who_hosts(client, include_dead=True)).actors}
+            assert "a" not in {x.actor_id for x in await registry.who_hosts(include_dead=True)}
         finally:
             for x in (client, b, a, reg):
                 await x.stop()
@@ -159,30 +165,37 @@ def test_pool_checks_hashes_names_and_unknown_deployments(namespace, tmp_path):
             async def upload(sha: str, name: str = "p.keras") -> Reply:
                 r = None
                 for i in range(count):
-                    r = await c.rpc(Names.POOL_UPLOAD, PartChunk(deployment="d", file=name, index=i, count=count,
-                                                                 size=len(data), sha256=sha,
-                                                                 data=data[i * clen:(i + 1) * clen]))
+                    r = await c.rpc.call(Names.POOL_UPLOAD, PartChunk(deployment="d", file=name, index=i, count=count,
+                                                                      size=len(data), sha256=sha,
+                                                                      data=data[i * clen:(i + 1) * clen]))
                 return r
 
-            bad = await upload("0" * 64)
-            assert not bad.ok and "sha256" in bad.message
-            r = await c.rpc(Names.POOL_UPLOAD, PartChunk(deployment="d", file="../evil", index=0, count=1, size=1,
-                                                         sha256=good, data=b"x"))
-            assert not r.ok and "unsafe" in r.message
+            with pytest.raises(RemoteError, match="sha256"):
+                await upload("0" * 64)
+            with pytest.raises(RemoteError, match="unsafe"):
+                await c.rpc.call(Names.POOL_UPLOAD, PartChunk(deployment="d", file="../evil", index=0, count=1, size=1,
+                                                              sha256=good, data=b"x"))
             assert (await upload(good)).ok
-            manifest = ('{"parts": [{"name": "part0", "file": "p.keras", "sha256": "%s"}]}' % good)
-            wrong = manifest.replace(good, "1" * 64)
-            assert not (await c.rpc(Names.POOL_UPLOAD, PoolManifest(deployment="d", manifest=wrong))).ok
-            assert not (await c.rpc(Names.POOL_UPLOAD, PoolManifest(deployment="d", manifest="{}"))).ok
-            assert (await c.rpc(Names.POOL_UPLOAD, PoolManifest(deployment="d", manifest=manifest))).ok
-            chunk = await c.rpc(Names.POOL_REQUEST, PartRequest(deployment="d", file="p.keras", index=2))
+
+            def manifest(sha: str) -> str:
+                return Manifest(split_id="d", source=SourceModel(name="m", sha256="0" * 64, origin="test"),
+                                inputs=[], outputs=[],
+                                parts=[PartEntry(name="part0", file="p.keras", sha256=sha, inputs=[], outputs=[],
+                                                 operations=[])]).model_dump_json()
+
+            with pytest.raises(RemoteError, match="sha256"):
+                await c.rpc.call(Names.POOL_UPLOAD, PoolManifest(deployment="d", manifest=manifest("1" * 64)))
+            with pytest.raises(RemoteError, match="invalid manifest"):
+                await c.rpc.call(Names.POOL_UPLOAD, PoolManifest(deployment="d", manifest="{}"))
+            assert (await c.rpc.call(Names.POOL_UPLOAD, PoolManifest(deployment="d", manifest=manifest(good)))).ok
+            chunk = await c.rpc.call(Names.POOL_REQUEST, PartRequest(deployment="d", file="p.keras", index=2))
             assert isinstance(chunk, PartChunk) and chunk.data == data[2 * clen:]
-            other = await c.rpc(Names.POOL_REQUEST, PartRequest(deployment="d", file="manifest.json", index=0))
+            other = await c.rpc.call(Names.POOL_REQUEST, PartRequest(deployment="d", file="manifest.json", index=0))
             assert isinstance(other, PoolManifest)
-            r = await c.rpc(Names.POOL_REQUEST, PartRequest(deployment="d", file="secret.txt"))
-            assert isinstance(r, Reply) and not r.ok
+            with pytest.raises(RemoteError, match="not a part file"):
+                await c.rpc.call(Names.POOL_REQUEST, PartRequest(deployment="d", file="secret.txt"))
             with pytest.raises(PoolError):
-                await fetch_deployment(c, "nope", tmp_path / "dest")
+                await PoolClient(c.rpc, 1000).fetch_deployment("nope", tmp_path / "dest")
         finally:
             await c.stop()
             await pool.stop()

@@ -32,11 +32,11 @@ import pytest
 aio_pika = pytest.importorskip("aio_pika")
 psutil = pytest.importorskip("psutil")
 
-from splitinfer.actors.result_store import ResultStore  # noqa: E402
-from splitinfer.actors.topology import Names  # noqa: E402
-from splitinfer.actors.client import Client, publish_job, subscribe_results  # noqa: E402
+from splitinfer.actors.result_store.store import ResultStore  # noqa: E402
+from splitinfer.actors.transport.topology import Names  # noqa: E402
+from splitinfer.client import Client, publish_job, subscribe_results  # noqa: E402
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
-from splitinfer.settings import Settings  # noqa: E402
+from splitinfer.config import Settings  # noqa: E402
 from tests.up_cluster import up_cluster  # noqa: E402
 
 PY = sys.executable

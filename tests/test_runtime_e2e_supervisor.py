@@ -15,9 +15,13 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 
-from splitinfer.actors import supervisor as sup_mod  # noqa: E402
-from splitinfer.actors.supervisor import ClusterConfig, Supervisor, broker_answers, has_hash_exchange  # noqa: E402
-from splitinfer.settings import Settings  # noqa: E402
+from splitinfer.actors.supervisor import broker as broker_mod  # noqa: E402
+from splitinfer.actors.supervisor import supervisor as sup_mod  # noqa: E402
+from splitinfer.actors.transport.retry import Backoff  # noqa: E402
+from splitinfer.actors.supervisor import Supervisor, broker_answers
+from splitinfer.actors.supervisor.broker import has_hash_exchange
+from splitinfer.config import ClusterConfig  # noqa: E402
+from splitinfer.config import Settings  # noqa: E402
 
 PY = sys.executable
 BROKER_UP = broker_answers(Settings().broker_url, timeout=3)
@@ -47,9 +51,7 @@ def test_crashed_actor_is_restarted_with_backoff_then_given_up_and_stop_ends_eve
                          "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
                          "time.sleep(600)"]
     monkeypatch.setattr(sup_mod, "plan_actors", lambda cfg: [("crasher", crasher), ("sleeper", sleeper)])
-    monkeypatch.setattr(sup_mod, "BACKOFF_FIRST_S", 0.05)
-    monkeypatch.setattr(sup_mod, "BACKOFF_MAX_S", 0.2)
-    monkeypatch.setattr(sup_mod, "MAX_RESTARTS", 3)
+    monkeypatch.setattr(sup_mod, "RESTART", Backoff(attempts=4, first_s=0.05, max_s=0.2))  # gives up at the 4th
     said: list[str] = []
     settings = Settings(namespace=namespace, cache_dir=tmp_path)
 
@@ -75,7 +77,7 @@ def test_crashed_actor_is_restarted_with_backoff_then_given_up_and_stop_ends_eve
     assert said[-1] == "all stopped"
 
 
-@pytest.mark.skipif(sup_mod._rabbit_bin("rabbitmq-server") is None, reason="rabbitmq-server not installed")
+@pytest.mark.skipif(broker_mod._rabbit_bin("rabbitmq-server") is None, reason="rabbitmq-server not installed")
 def test_up_starts_a_private_broker_when_none_answers_and_stops_it(tmp_path, namespace):
     port = free_port()
     url = f"amqp://guest:guest@localhost:{port}/"

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitinfer.actors.front_end import JobTracker, PendingJob, attempt_request_id
-from splitinfer.actors.result_store import ResultStore, StoreURLError, sqlite_path
-from splitinfer.actors.supervisor import ClusterConfig, ClusterError, plan_actors
-from splitinfer.settings import Settings
+from splitinfer.actors.front_end.tracker import JobTracker, PendingJob, attempt_request_id
+from splitinfer.actors.result_store.store import ResultStore, StoreURLError, sqlite_path
+from splitinfer.actors.supervisor import plan_actors
+from splitinfer.config import ClusterConfig, ConfigError
+from splitinfer.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ def test_store_keeps_every_row_and_queries_by_namespace_job_and_kind(tmp_path):
     url = f"sqlite:///{tmp_path / 'r.db'}"
     with ResultStore(url) as db:
         a = db.add("ns1", "result", "j1", deployment="d", latency_s=0.1, served_by=["s1"],
-                   timings=[{"part": "part0", "server": "s1", "compute_s": 0.01}],
+                   hops=[{"part": "part0", "server": "s1", "compute_s": 0.01}],
                    outputs={"o:0": {"shape": [1, 3], "dtype": "<f4"}}, body=b"\x01\x02")
         db.add("ns1", "error", "j2", code="wrong_shape", message="bad")
         db.add("ns1", "result", "j1")  # a duplicate answer is kept, so it can be seen
@@ -137,7 +138,7 @@ def test_store_keeps_every_row_and_queries_by_namespace_job_and_kind(tmp_path):
         newest = db.query("ns1", limit=1, newest_first=True)[0]
         assert newest.job_id == "j1" and newest.id > a
         first = db.query("ns1")[0]
-        assert first.timings[0]["compute_s"] == 0.01 and first.served_by == ["s1"] and db.body(a) == b"\x01\x02"
+        assert first.hops[0]["compute_s"] == 0.01 and first.served_by == ["s1"] and db.body(a) == b"\x01\x02"
         assert db.query("ns1", after_id=newest.id) == []
     # a second handle (the CLI) reads what the writer committed, and follow() yields new rows
     with ResultStore(url) as writer, ResultStore(url) as reader:
@@ -181,7 +182,7 @@ def test_cluster_config_from_toml(tmp_path):
 def test_bad_cluster_configs_say_what_is_wrong(tmp_path, text, needle):
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
-    with pytest.raises(ClusterError, match=re.escape(needle)):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         ClusterConfig.load(cfg)
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import psutil
 
-from splitinfer.settings import Settings
+from splitinfer.config import Settings
 
 
 @contextlib.contextmanager

@@ -21,10 +21,11 @@ import uuid
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from splitinfer.actors.topology import Names, escape_key
+from splitinfer.actors.registry.client import RegistryClient
+from splitinfer.actors.transport.topology import Names, escape_key
 from splitinfer.messages import LinkReport, LinkState, MessageError, Probe, ProbeReply, ServerState, SetLinks
 from splitinfer.monitor.links import MBIT, estimate_link
-from splitinfer.monitor.runtime import BatterySim, read_battery, system_load
+from splitinfer.monitor.runtime import BatterySim, read_battery
 
 PROBE_KINDS = ("model_server", "front_end")  # actors that follow links and answer probes
 
@@ -40,7 +41,7 @@ async def follow_links(actor, probes: bool = True) -> None:
         await q.bind(control, routing_key=Names.probe_key(actor.id))
 
     async def on_message(message: AbstractIncomingMessage) -> None:
-        await actor.ack(message)  # exclusive queue: nothing to hand back
+        await actor.deliveries.ack(message)  # exclusive queue: nothing to hand back
         try:
             msg = actor.decode(message, expect=(SetLinks, Probe))
         except MessageError as err:
@@ -55,7 +56,7 @@ async def follow_links(actor, probes: bool = True) -> None:
         delay = actor.links.delay(msg.site, actor.site, len(msg.payload), time.time())
         if delay > 0:
             await asyncio.sleep(delay)
-        await actor.reply(message, ProbeReply(probe_id=msg.probe_id, site=actor.site, payload=bytes(msg.reply_bytes)))
+        await actor.rpc.reply(message, ProbeReply(probe_id=msg.probe_id, site=actor.site, payload=bytes(msg.reply_bytes)))
 
     await actor.consume(q, on_message)
 
@@ -84,28 +85,21 @@ class ServerMonitor:
         self.radio_s += seconds
 
     def fill(self, state: ServerState) -> ServerState:
-        load = system_load()
-        state.cpu_percent = load["cpu_percent"] if load["cpu_percent"] is not None else state.cpu_percent
-        state.memory_mb = load["memory_mb"] if load["memory_mb"] is not None else state.memory_mb
-        state.load_avg = load["load_avg"]
-        state.site = self.actor.site
-        state.slowdown = self.slowdown
-        state.speed_gflops = self.speed_gflops
-        state.compute_s = self.compute_s
-        state.memory_limit_mb = self.actor.settings.memory_limit_mb
+        """The actor's state with what this monitor knows: site, speed, slowdown, compute, battery."""
+        update = {"site": self.actor.site, "slowdown": self.slowdown, "speed_gflops": self.speed_gflops,
+                  "compute_s": self.compute_s, "memory_limit_mb": self.actor.settings.memory_limit_mb}
         if self.is_device:
-            state.power = self.power
+            update["power"] = self.power
             real = read_battery()
             if real is not None:
-                state.battery, state.battery_source = real, "sensor"
+                update.update(battery=real, battery_source="sensor")
             else:
                 dc = self.compute_s - self._charged[0]
                 dr = self.radio_s - self._charged[1]
                 self._charged = (self.compute_s, self.radio_s)
-                state.battery = self.battery.account(dc, dr)
-                state.battery_source = "simulated"
-                state.energy_j = self.battery.energy_j
-        return state
+                update.update(battery=self.battery.account(dc, dr), battery_source="simulated",
+                              energy_j=self.battery.energy_j)
+        return state.model_copy(update=update)
 
 
 PROBE_BUDGET_S = 0.05       # a large probe should occupy a link about this long
@@ -117,6 +111,7 @@ class NetworkMonitor:
 
     def __init__(self, actor):
         self.actor = actor
+        self.registry = RegistryClient(actor.rpc)
         self.last: dict[tuple[str, str], LinkState] = {}
 
     def start(self) -> None:
@@ -138,11 +133,8 @@ class NetworkMonitor:
     async def targets(self) -> dict[str, str]:
         """site -> the actor to probe there, for every site named after ours; empty unless this actor is the
         first (by id) at its site."""
-        from splitinfer.actors.registry import who_hosts
-
         actor = self.actor
-        hosts = await who_hosts(actor)
-        peers = sorted((a for a in hosts.actors if a.kind in PROBE_KINDS and a.site and a.alive),
+        peers = sorted((a for a in await self.registry.who_hosts() if a.kind in PROBE_KINDS and a.site and a.alive),
                        key=lambda a: a.actor_id)
         mine = [a.actor_id for a in peers if a.site == actor.site]
         if not mine or mine[0] != actor.id:
@@ -159,7 +151,7 @@ class NetworkMonitor:
             for link in await self.measure(target, site):
                 self.last[(link.src_site, link.dst_site)] = link
                 out.append(link)
-                await self.actor.publish("control", Names.LINK_STATE, LinkReport(link=link), mandatory=False)
+                await self.actor.publisher.publish("control", Names.LINK_STATE, LinkReport(link=link), mandatory=False)
                 self.actor.log("link_measured", src_site=link.src_site, dst_site=link.dst_site, target=target,
                                rtt_ms=round(link.rtt_ms, 2),
                                bandwidth_mbps=None if link.bandwidth_mbps is None else round(link.bandwidth_mbps, 2))
@@ -187,12 +179,10 @@ class NetworkMonitor:
         for _ in range(actor.settings.probe_rounds):
             for out_bytes, back_bytes, out in ((0, 0, small), (size, 0, there), (0, size, back)):
                 t0 = time.perf_counter()
-                reply = await actor.rpc(Names.probe_key(target), Probe(probe_id=uuid.uuid4().hex, site=actor.site,
-                                                                       payload=bytes(out_bytes),
-                                                                       reply_bytes=back_bytes),
-                                        timeout=max(actor.settings.rpc_timeout_s, 60.0))
-                if not isinstance(reply, ProbeReply):
-                    raise RuntimeError(f"{target} answered a probe with {reply.TYPE}")
+                reply = await actor.rpc.call(
+                    Names.probe_key(target), Probe(probe_id=uuid.uuid4().hex, site=actor.site, payload=bytes(out_bytes),
+                                                   reply_bytes=back_bytes),
+                    expect=ProbeReply, timeout=max(actor.settings.rpc_timeout_s, 60.0))
                 wait = actor.links.delay(reply.site, actor.site, len(reply.payload), time.time())
                 if wait > 0:
                     await asyncio.sleep(wait)

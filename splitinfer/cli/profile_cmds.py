@@ -22,7 +22,7 @@ def _set_threads(threads: Optional[int]) -> None:
     CLI is called in-process, e.g. from tests) its pools stay as they are; the profile records what was used."""
     from splitinfer import _tf  # noqa: F401
     from splitinfer.monitor.machine import apply_threads
-    from splitinfer.settings import get_settings
+    from splitinfer.config import get_settings
 
     settings = get_settings()
     intra = settings.intra_op_threads if threads is None else threads

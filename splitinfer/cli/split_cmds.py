@@ -130,7 +130,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Run the saved parts composed as the manifest says and compare with the full model."""
-    from splitinfer.settings import get_settings
+    from splitinfer.config import get_settings
     from splitinfer.splitter import verify_split
 
     if samples < 1:

@@ -1,4 +1,4 @@
-"""Model server: serves parts of deployments, each as one compiled tf.function, over `<ns>.tensors`.
+"""The model server actor: serves parts of deployments, each as one compiled tf.function, over `<ns>.tensors`.
 
 Per hosted part (deployment D, part P, replica k of n):
 - declares P's consistent-hash exchange (bound to `<ns>.tensors` with P's input keys) and the n replica queues
@@ -6,44 +6,53 @@ Per hosted part (deployment D, part P, replica k of n):
   replicas' queues as a standby (x-single-active-consumer: a standby gets a queue only when its active consumer
   is gone, e.g. kill -9; RabbitMQ requeues the dead one's unacked inputs to it, so a join's inputs still meet in
   one process); when a replica's owner (re)registers, a standby that took over its queue gives it back (cancels
-  that consumer, hands its partial joins back with nack-requeue) and stands by again, so a restarted replica
-  carries its share again;
+  that consumer, hands its partial joins back with a requeue) and stands by again;
 - validates every delivery: decodes (size, depth, dtype, shape x itemsize), checks the tensor is one of P's inputs
   with the manifest's dtype and shape, and that the AMQP header request_id matches; a bad one gets an ErrorResult
   on `<ns>.results` and is rejected into `<ns>.dead`;
-- a join (several inputs) gathers a request's inputs in a bounded buffer (settings.join_buffer requests); a request
-  whose inputs do not all arrive within settings.join_timeout_s gets an error result and its inputs go to `<ns>.dead`;
-- complete requests go to one worker thread, batched per part up to settings.max_batch; each output is published
-  once to `<ns>.tensors` with key `<D>.<tensor>` and header request_id, carrying the hops so far plus this one;
+- a join gathers a request's inputs in a bounded buffer (joins.JoinBuffer) with a timeout that yields an error;
+- complete requests wait in one ready queue; one worker thread runs them, batched per part up to
+  settings.max_batch (batching); each output is published once to `<ns>.tensors` with key `<D>.<tensor>` and
+  header request_id, carrying the hops so far plus this one;
 - inputs are acked only when all the outputs they caused are confirmed (off the critical path: the worker is
-  already on the next batch); a request id already served is acked without recomputing (bounded LRU).
+  already on the next batch); a request id already served is acked without recomputing (bounded memory).
 
-Run: see splitinfer/actors/__init__.py.
+    python -m splitinfer.actors.model_server --id s1 --site edge [--slowdown X] [--battery] [--power C,R,I]
+        [--memory-limit-mb M] [--deployment D] [--split-dir DIR] [--part SPEC ...]
+
+SPEC is `part3` (replica 0 of 1) or `part3@1/2` (replica 1 of 2); repeat --part or join with ','. With --split-dir
+the parts load from that local split (the deployment id defaults to its split_id); without it they are fetched from
+the model pool over the broker (needs --deployment). With no --part the server starts empty and waits for LoadPart
+orders on `load.<id>` (what `splitinfer deploy` sends).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import re
-import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
 
-from splitinfer.actors.base import Actor, header_str, run_actor
+from splitinfer.actors.actor import Actor, run_actor
+from splitinfer.actors.model_pool.client import PoolClient
+from splitinfer.actors.model_server.batching import ReadyQueue, WorkItem, run_batch
+from splitinfer.actors.model_server.hosted import HostedPart, parse_part_spec
+from splitinfer.actors.model_server.joins import Pending
+from splitinfer.actors.model_server.runner import configure_tf, load_and_warm
 from splitinfer.actors.monitors import NetworkMonitor, ServerMonitor, follow_links
-from splitinfer.actors.topology import declare_control_queue, declare_part
+from splitinfer.actors.transport import first_line, header_str
+from splitinfer.actors.transport.topology import declare_control_queue, declare_part
+from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     Hop,
     LoadPart,
     MessageError,
     PartRef,
+    PowerSpec,
     Register,
     Reply,
     ServerState,
@@ -54,91 +63,9 @@ from splitinfer.messages import (
     decompress_array,
     encode,
 )
-from splitinfer.settings import Settings
-
-
-@dataclass
-class Pending:
-    """A join's inputs received so far for one request."""
-
-    request_id: str
-    tensors: dict[str, TensorMessage] = field(default_factory=dict)
-    messages: dict[str, AbstractIncomingMessage] = field(default_factory=dict)
-    received: dict[str, float] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-    queue: int = 0  # replica queue the inputs came from (all of a request's inputs hash to the same one)
-
-
-class EmulatedSlowdown:
-    """A server `slowdown` times slower: after each batch the worker idles (slowdown - 1) x the *median* of this
-    part's recent compute times at that batch size. Scaling the call's own time would multiply the shared
-    machine's jitter by the slowdown (x10 on a phone-like device); the call's real time still counts in full."""
-
-    WINDOW = 15  # recent calls per (part, batch size)
-
-    def __init__(self, slowdown: float):
-        self.slowdown = max(1.0, slowdown)
-        self._recent: dict[tuple, collections.deque] = {}
-
-    def extra_s(self, key: tuple, compute_s: float) -> float:
-        if self.slowdown <= 1.0:
-            return 0.0
-        recent = self._recent.setdefault(key, collections.deque(maxlen=self.WINDOW))
-        recent.append(compute_s)
-        return (self.slowdown - 1.0) * statistics.median(recent)
-
-
-@dataclass
-class WorkItem:
-    part: "HostedPart"
-    request_id: str
-    tensors: dict[str, TensorMessage]
-    messages: list[AbstractIncomingMessage]
-    received: dict[str, float]
-    ready_at: float
-
-
-class HostedPart:
-    def __init__(self, deployment: str, entry, compiled, replica: int, replicas: int, done_cache: int):
-        self.deployment = deployment
-        self.entry = entry
-        self.name = entry.name
-        self.compiled = compiled
-        self.replica = replica
-        self.replicas = replicas
-        self.inputs = {t.name: t for t in entry.inputs}
-        self.outputs = list(entry.outputs)
-        self.pending: collections.OrderedDict[str, Pending] = collections.OrderedDict()
-        self.done: collections.OrderedDict[str, None] = collections.OrderedDict()
-        # requests queued or running here -> further deliveries of their inputs (a redelivery after a channel
-        # loss), settled together with the original instead of computing the request twice
-        self.running: dict[str, list[AbstractIncomingMessage]] = {}
-        self.done_cache = done_cache
-        self.queues: list[AbstractQueue] = []
-        self.tags: list[tuple[AbstractQueue, str]] = []
-        self.standby_tags: dict[int, str] = {}  # replica queue k (not ours) -> our standby consumer tag
-        self.active = True
-
-    @property
-    def ref(self) -> PartRef:
-        return PartRef(deployment=self.deployment, part=self.name, replica=self.replica, replicas=self.replicas)
-
-    def mark_done(self, request_id: str) -> None:
-        self.done[request_id] = None
-        self.done.move_to_end(request_id)
-        while len(self.done) > self.done_cache:
-            self.done.popitem(last=False)
-
-
-def parse_part_spec(spec: str) -> tuple[str, int, int]:
-    """`part3` -> (part3, 0, 1); `part3@1/2` -> (part3, 1, 2)."""
-    m = re.fullmatch(r"([^@\s]+)(?:@(\d+)/(\d+))?", spec.strip())
-    if not m:
-        raise ValueError(f"bad part spec {spec!r}: use NAME or NAME@REPLICA/REPLICAS")
-    name, k, n = m.group(1), int(m.group(2) or 0), int(m.group(3) or 1)
-    if not 0 <= k < n:
-        raise ValueError(f"bad part spec {spec!r}: replica must be in 0..{n - 1}")
-    return name, k, n
+from splitinfer.monitor.links import LinkEmulator
+from splitinfer.monitor.runtime import cached_speed_gflops
+from splitinfer.splitter.manifest import Manifest
 
 
 class ModelServer(Actor):
@@ -147,27 +74,26 @@ class ModelServer(Actor):
     def __init__(self, actor_id: str, settings: Settings | None = None, *, site: str = "", capacity: float = 1.0,
                  split_dir: Path | None = None, deployment: str | None = None,
                  parts: list[tuple[str, int, int]] | None = None, slowdown: float | None = None,
-                 battery: bool | None = None, power=None):
+                 battery: bool | None = None, power: PowerSpec | None = None):
         super().__init__(actor_id, settings, site=site, capacity=capacity)
-        # emulated slower device: each compute is followed by idling in the worker loop (EmulatedSlowdown)
+        # emulated slower device: each compute is followed by idling in the worker loop (runner.EmulatedSlowdown)
         self.slowdown = max(1.0, slowdown if slowdown is not None else self.settings.slowdown)
-        self.emulated_slowdown = EmulatedSlowdown(self.slowdown)
+        # emulated links between sites (off unless settings.emulate_links): delays what this server receives
+        self.links = LinkEmulator.from_settings(self.settings)
         self.monitor = ServerMonitor(self, self.slowdown, battery, power=power)
         self.network = NetworkMonitor(self)
+        self.pool = PoolClient(self.rpc, self.settings.pool_chunk_bytes)
         self.split_dir = Path(split_dir) if split_dir else None
         self.deployment = deployment
         self.initial_parts = parts or []
         self.parts: dict[tuple[str, str], HostedPart] = {}
-        self._ready: collections.deque[WorkItem] = collections.deque()
-        self._ready_event = asyncio.Event()
+        self.ready = ReadyQueue()
         self._loading: dict[tuple[str, str], asyncio.Task] = {}
         self._busy = 0
-        self._probe = None
 
     # ------------------------------------------------------------------ setup
     async def setup(self) -> None:
-        _configure_tf(self.settings)
-        self._ready_event = asyncio.Event()
+        configure_tf(self.settings)
         q = await declare_control_queue(
             self.channel, self.names, f"{self.names.ns}.server.{self.id}",
             [self.names.load_key(self.id), self.names.unload_key(self.id), "register.*"],
@@ -175,8 +101,6 @@ class ModelServer(Actor):
         await self.consume(q, self._on_control)
         await follow_links(self)  # SetLinks orders and network probes
         if self.monitor.speed_gflops is None:
-            from splitinfer.monitor.runtime import cached_speed_gflops
-
             self.monitor.speed_gflops = await self.run_in_worker(cached_speed_gflops, self.settings.cache_dir)
         self.network.start()
         self.spawn(self._worker(), name="worker")
@@ -188,26 +112,21 @@ class ModelServer(Actor):
 
     async def heartbeat_state(self) -> ServerState:
         state = await super().heartbeat_state()
-        state.load = float(len(self._ready) + self._busy)
+        depths: dict[str, int] = {}
         for p in self.parts.values():
             if p.queues:
-                try:  # on a channel of its own: a passive declare of a deleted queue closes the channel
-                    if self._probe is None or self._probe.is_closed:
-                        self._probe = await self.connection.channel()
-                    q = await self._probe.declare_queue(p.queues[p.replica].name, passive=True)
-                    state.queue_depths[q.name] = int(q.declaration_result.message_count or 0)
-                except Exception:
-                    self._probe = None
+                with contextlib.suppress(Exception):  # a queue deleted meanwhile (undeploy)
+                    async with self.connection.scratch_channel() as ch:
+                        q = await ch.declare_queue(p.queues[p.replica].name, passive=True)
+                        depths[q.name] = int(q.declaration_result.message_count or 0)
+        state = state.model_copy(update={"load": float(len(self.ready) + self._busy), "queue_depths": depths})
         return self.monitor.fill(state)
 
     # ------------------------------------------------------------------ loading parts
     async def load_part(self, deployment: str | None, part: str, replica: int = 0, replicas: int = 1) -> HostedPart:
         """Load (from the local split or the model pool), warm up, declare and consume. Idempotent per part."""
         if self.split_dir is not None and deployment is None:
-            from splitinfer.splitter.manifest import Manifest
-
-            deployment = Manifest.load(self.split_dir).split_id
-            self.deployment = deployment
+            deployment = self.deployment = Manifest.load(self.split_dir).split_id
         if not deployment:
             raise ValueError("a deployment id is needed to load parts from the model pool")
         key = (deployment, part)
@@ -226,17 +145,14 @@ class ModelServer(Actor):
         t0 = time.time()
         if self.split_dir is not None:
             directory = self.split_dir
-            from splitinfer.splitter.manifest import Manifest
-
             manifest = Manifest.load(directory)
         else:
-            from splitinfer.actors.model_pool import fetch_deployment
-
             directory = self.settings.cache_dir / "parts" / self.names.ns / deployment
-            manifest = await fetch_deployment(self, deployment, directory, parts=[part])
+            manifest = await self.pool.fetch_deployment(deployment, directory, parts=[part])
         entry = manifest.part(part)
-        compiled = await self.run_in_worker(_load_and_warm, directory, entry, self.settings.max_batch)
-        hp = HostedPart(deployment, entry, compiled, replica, replicas, self.settings.done_cache)
+        compiled = await self.run_in_worker(load_and_warm, directory, entry, self.settings.max_batch)
+        hp = HostedPart(deployment, entry, compiled, replica, replicas, done_cache=self.settings.done_cache,
+                        join_buffer=self.settings.join_buffer, slowdown=self.slowdown)
         hp.queues = await declare_part(self.channel, self.names, deployment, part, [t.name for t in entry.inputs],
                                        replicas, expires_s=self.settings.queue_expires_s)
         self.parts[(deployment, part)] = hp
@@ -246,7 +162,7 @@ class ModelServer(Actor):
             self.spawn(self._standby(hp, [k for k in range(replicas) if k != replica]), name="standby")
         self.log("part_loaded", deployment=deployment, part=part, replica=replica, replicas=replicas,
                  load_s=round(time.time() - t0, 3))
-        await self.publish("control", self.names.register_key(self.id), self.registration(), mandatory=False)
+        await self.presence.announce()
         return hp
 
     def _prefetch(self, hp: HostedPart) -> int:
@@ -276,16 +192,11 @@ class ModelServer(Actor):
             return
         await self.cancel(hp.queues[k], tag)
         hp.tags = [(q, t) for q, t in hp.tags if t != tag]
-        handed = 0
-        for rid, pend in list(hp.pending.items()):
-            if pend.queue == k:
-                hp.pending.pop(rid, None)
-                if pend.timer:
-                    pend.timer.cancel()
-                for m in pend.messages.values():
-                    await self.nack(m, requeue=True)
-                handed += 1
-        self.log("queue_given_back", part=hp.name, queue=hp.queues[k].name, partial_joins=handed)
+        handed = hp.joins.from_queue(k)
+        for pend in handed:
+            for m in pend.messages.values():
+                await self.deliveries.requeue(m)
+        self.log("queue_given_back", part=hp.name, queue=hp.queues[k].name, partial_joins=len(handed))
         await self._standby(hp, [k])
 
     async def unload_part(self, deployment: str, part: str) -> bool:
@@ -297,8 +208,7 @@ class ModelServer(Actor):
             await self.cancel(q, tag)
         await self._hand_back(hp)
         self.log("part_unloaded", deployment=deployment, part=part)
-        # the registry learns at once (not at the next heartbeat) that this part is gone from here
-        await self.publish("control", self.names.register_key(self.id), self.registration(), mandatory=False)
+        await self.presence.announce()  # the registry learns at once, not at the next heartbeat
         return True
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
@@ -307,7 +217,7 @@ class ModelServer(Actor):
         except MessageError as err:
             await self.dead_letter(message, err)
             return
-        await self.ack(message)
+        await self.deliveries.ack(message)
         if isinstance(msg, Register):
             if msg.actor_id != self.id:
                 for ref in msg.parts:
@@ -317,20 +227,20 @@ class ModelServer(Actor):
             return
         if isinstance(msg, UnloadPart):
             ok = await self.unload_part(msg.deployment, msg.part)
-            await self.reply(message, Reply(ok=ok, message="unloaded" if ok else "not hosted"))
+            await self.rpc.reply(message, Reply(ok=ok, message="unloaded" if ok else "not hosted"))
             return
 
-        async def _do() -> None:
+        async def load() -> None:
             try:
                 await self.load_part(msg.deployment, msg.part, msg.replica, msg.replicas)
-                await self.reply(message, Reply(ok=True, message=f"{msg.part} loaded on {self.id}"))
+                await self.rpc.reply(message, Reply(ok=True, message=f"{msg.part} loaded on {self.id}"))
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                reason = first_line(exc)
                 self.log.error("load_failed", deployment=msg.deployment, part=msg.part, error=reason)
                 await self.publish_error(None, "load_failed", f"{msg.part}: {reason}", deployment=msg.deployment)
-                await self.reply(message, Reply(ok=False, message=reason))
+                await self.rpc.reply(message, Reply(ok=False, message=reason))
 
-        self.spawn(_do(), name="load")
+        self.spawn(load(), name="load")
 
     # ------------------------------------------------------------------ data plane
     def _handler(self, hp: HostedPart, queue: int):
@@ -339,28 +249,32 @@ class ModelServer(Actor):
 
         return handle
 
+    def _validate(self, hp: HostedPart, message: AbstractIncomingMessage) -> tuple[TensorMessage, int]:
+        """The delivery as this part's input (decompressed to the manifest dtype) and its bytes on the wire."""
+        msg = self.decode(message, expect=TensorMessage)
+        if msg.deployment != hp.deployment:
+            raise MessageError(f"tensor for deployment {msg.deployment!r} on a queue of {hp.deployment!r}",
+                               "wrong_deployment", msg.request_id)
+        spec = hp.inputs.get(msg.tensor)
+        if spec is None:
+            raise MessageError(f"{msg.tensor!r} is not an input of {hp.name}", "wrong_tensor", msg.request_id)
+        wire_bytes = msg.array.nbytes
+        if msg.codec is not None:  # sent compressed at a cut (the plan chose it): back to the manifest's dtype
+            try:
+                array = decompress_array(msg.array, msg.codec, msg.scale, spec.dtype)
+            except MessageError as err:
+                raise MessageError(f"{msg.tensor}: {err.reason}", err.code, msg.request_id) from None
+            msg = msg.model_copy(update={"array": array, "codec": None, "scale": None})
+        check_tensor(msg.array, spec.shape, spec.dtype, msg.tensor, msg.request_id)
+        if header_str(message, "request_id") != msg.request_id:
+            raise MessageError("AMQP header request_id does not match the message's request_id",
+                               "bad_header", msg.request_id)
+        return msg, wire_bytes
+
     async def _on_tensor(self, hp: HostedPart, message: AbstractIncomingMessage, queue: int = 0) -> None:
         now = time.time()
         try:
-            msg = self.decode(message, expect=TensorMessage)
-            assert isinstance(msg, TensorMessage)
-            if msg.deployment != hp.deployment:
-                raise MessageError(f"tensor for deployment {msg.deployment!r} on a queue of {hp.deployment!r}",
-                                   "wrong_deployment", msg.request_id)
-            spec = hp.inputs.get(msg.tensor)
-            if spec is None:
-                raise MessageError(f"{msg.tensor!r} is not an input of {hp.name}", "wrong_tensor", msg.request_id)
-            wire_bytes = msg.array.nbytes
-            if msg.codec is not None:  # sent compressed at a cut (the plan chose it): back to the manifest's dtype
-                try:
-                    msg.array = decompress_array(msg.array, msg.codec, msg.scale, spec.dtype)
-                except MessageError as err:
-                    raise MessageError(f"{msg.tensor}: {err.reason}", err.code, msg.request_id) from None
-                msg.codec, msg.scale = None, None
-            check_tensor(msg.array, spec.shape, spec.dtype, msg.tensor, msg.request_id)
-            if header_str(message, "request_id") != msg.request_id:
-                raise MessageError("AMQP header request_id does not match the message's request_id",
-                                   "bad_header", msg.request_id)
+            msg, wire_bytes = self._validate(hp, message)
         except MessageError as err:
             await self.dead_letter(message, err, deployment=hp.deployment)
             return
@@ -375,7 +289,7 @@ class ModelServer(Actor):
             self.stats["redelivered"] = self.stats.get("redelivered", 0) + 1
         if rid in hp.done:
             self.log("duplicate", part=hp.name, request_id=rid, redelivered=message.redelivered)
-            await self.ack(message)
+            await self.deliveries.ack(message)
             return
         if rid in hp.running:
             self.log("duplicate_in_progress", part=hp.name, request_id=rid)
@@ -383,56 +297,41 @@ class ModelServer(Actor):
             return
         if msg.deadline is not None and now > msg.deadline:
             self.log.warning("expired", part=hp.name, request_id=rid)
-            await self.ack(message)
+            await self.deliveries.ack(message)
             return
         if len(hp.inputs) == 1:
             self._enqueue(WorkItem(hp, rid, {msg.tensor: msg}, [message], {msg.tensor: now}, now))
             return
-        pend = hp.pending.get(rid)
-        if pend is None:
-            while hp.pending and len(hp.pending) >= max(1, self.settings.join_buffer):
-                _, oldest = hp.pending.popitem(last=False)
-                await self._fail_pending(hp, oldest, "join_buffer_full",
-                                         f"{hp.name}: join buffer full ({self.settings.join_buffer} requests)")
-            pend = hp.pending[rid] = Pending(rid, queue=queue)
+        for oldest in hp.joins.evict_for_new(rid):
+            await self._fail_pending(hp, oldest, "join_buffer_full",
+                                     f"{hp.name}: join buffer full ({self.settings.join_buffer} requests)")
+        pend, new, old = hp.joins.add(msg, message, now, queue)
+        if old is not None:  # the same input twice (redelivery after a channel loss): keep the newest
+            await self.deliveries.ack(old)
+        if hp.joins.complete(pend):
+            self._enqueue(WorkItem(hp, rid, pend.tensors, list(pend.messages.values()), pend.received, now))
+        elif new:
             pend.timer = asyncio.get_running_loop().call_later(
                 self.settings.join_timeout_s, lambda: self.spawn(self._join_timeout(hp, rid)))
-        old = pend.messages.get(msg.tensor)
-        if old is not None:  # the same input twice (redelivery after a channel loss): keep the newest
-            await self.ack(old)
-        pend.tensors[msg.tensor] = msg
-        pend.messages[msg.tensor] = message
-        pend.received[msg.tensor] = now
-        if len(pend.tensors) == len(hp.inputs):
-            hp.pending.pop(rid, None)
-            if pend.timer:
-                pend.timer.cancel()
-            self._enqueue(WorkItem(hp, rid, pend.tensors, list(pend.messages.values()), pend.received, now))
 
     async def _join_timeout(self, hp: HostedPart, rid: str) -> None:
-        pend = hp.pending.pop(rid, None)
+        pend = hp.joins.pop(rid)
         if pend is not None:
-            missing = [t for t in hp.inputs if t not in pend.tensors]
-            await self._fail_pending(hp, pend, "join_timeout",
-                                     f"{hp.name}: inputs {missing} did not arrive within {self.settings.join_timeout_s}s")
+            await self._fail_pending(hp, pend, "join_timeout", f"{hp.name}: inputs {hp.joins.missing(pend)} did not "
+                                                               f"arrive within {self.settings.join_timeout_s}s")
 
     async def _fail_pending(self, hp: HostedPart, pend: Pending, code: str, reason: str) -> None:
-        if pend.timer:
-            pend.timer.cancel()
-        first = True
-        for m in pend.messages.values():
-            if first:
-                await self.dead_letter(m, MessageError(reason, code, pend.request_id), deployment=hp.deployment)
-                first = False
-            else:
-                self._inflight.pop(id(m), None)
-                with contextlib.suppress(Exception):
-                    await m.reject(requeue=False)
+        """One error result for the request, and every input it had to the dead-letter queue."""
+        pend.cancel_timer()
+        messages = list(pend.messages.values())
+        if messages:
+            await self.dead_letter(messages[0], MessageError(reason, code, pend.request_id), deployment=hp.deployment)
+        for m in messages[1:]:
+            await self.deliveries.reject(m)
 
     def _enqueue(self, item: WorkItem) -> None:
         item.part.running.setdefault(item.request_id, [])
-        self._ready.append(item)
-        self._ready_event.set()
+        self.ready.put(item)
 
     async def _worker(self) -> None:
         while True:
@@ -441,42 +340,30 @@ class ModelServer(Actor):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let one bad batch stop the server's only worker
-                self.log.error("worker_error", error=f"{type(exc).__name__}: {exc}")
+                self.log.error("worker_error", error=first_line(exc))
 
     async def _work(self) -> None:
         while True:
-            if not self._ready:
-                self._ready_event.clear()
-                await self._ready_event.wait()
-                continue
-            first = self._ready.popleft()
-            batch = [first]
-            if self.settings.max_batch > 1:
-                rest = collections.deque()
-                while self._ready and len(batch) < self.settings.max_batch:
-                    it = self._ready.popleft()
-                    (batch if it.part is first.part else rest).append(it)
-                rest.extend(self._ready)
-                self._ready = rest
+            batch = await self.ready.next_batch(self.settings.max_batch)
             for it in [it for it in batch if not it.part.active]:  # unloaded meanwhile: hand back
-                await self._settle_extras(it, requeue=True)
+                await self._settle_extras(it, "requeue")
                 for m in it.messages:
-                    await self.nack(m, requeue=True)
+                    await self.deliveries.requeue(m)
             batch = [it for it in batch if it.part.active]
             if not batch:
                 continue
+            hp = batch[0].part
             self._busy = len(batch)
             started = time.time()
             try:
-                outs, compute_s = await self.run_in_worker(_run_batch, first.part.compiled, [it.tensors for it in batch])
-                # a slower device: the worker (this server's only compute) stays busy
-                extra = self.emulated_slowdown.extra_s((first.part.deployment, first.part.name, len(batch)), compute_s)
-                if extra > 0:
+                outs, compute_s = await self.run_in_worker(run_batch, hp.compiled, [it.tensors for it in batch])
+                extra = hp.slowdown.extra_s(len(batch), compute_s)
+                if extra > 0:  # a slower device: the worker (this server's only compute) stays busy
                     await asyncio.sleep(extra)
                     compute_s += extra
                 self.monitor.add_compute(compute_s)
             except Exception as exc:
-                reason = f"{first.part.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                reason = f"{hp.name} failed: {first_line(exc)}"
                 for it in batch:
                     await self._fail_item(it, "compute_failed", reason)
                 continue
@@ -486,27 +373,21 @@ class ModelServer(Actor):
                 try:
                     self._publish_outputs(it, out, started, compute_s, len(batch))
                 except MessageError as err:
-                    await self._fail_item(it, err.code, f"{first.part.name}: {err.reason}")
+                    await self._fail_item(it, err.code, f"{hp.name}: {err.reason}")
                 except Exception as exc:  # e.g. an output dtype the wire does not allow: fail this request only
-                    await self._fail_item(it, "bad_output", f"{first.part.name}: {type(exc).__name__}: "
-                                                            f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                    await self._fail_item(it, "bad_output", f"{hp.name}: {first_line(exc)}")
 
     async def _fail_item(self, it: WorkItem, code: str, reason: str) -> None:
         pend = Pending(it.request_id, it.tensors, {str(i): m for i, m in enumerate(it.messages)})
         await self._fail_pending(it.part, pend, code, reason)
-        await self._settle_extras(it, requeue=False, dead=True)
+        await self._settle_extras(it, "reject")
 
-    async def _settle_extras(self, it: WorkItem, requeue: bool = False, dead: bool = False, ok: bool = False) -> None:
-        """Settle the duplicate deliveries that arrived while the request was queued or running."""
+    async def _settle_extras(self, it: WorkItem, how: str) -> None:
+        """Settle the duplicate deliveries that arrived while the request was queued or running, the way the
+        original went: "ack", "requeue" or "reject"."""
+        settle = {"ack": self.deliveries.ack, "requeue": self.deliveries.requeue, "reject": self.deliveries.reject}[how]
         for m in it.part.running.pop(it.request_id, []):
-            if ok:
-                await self.ack(m)
-            elif dead:
-                self._inflight.pop(id(m), None)
-                with contextlib.suppress(Exception):
-                    await m.reject(requeue=False)
-            else:
-                await self.nack(m, requeue=requeue)
+            await settle(m)
 
     def _publish_outputs(self, it: WorkItem, out: dict[str, np.ndarray], started: float, compute_s: float,
                          batch: int) -> None:
@@ -545,19 +426,18 @@ class ModelServer(Actor):
                 slowest = self.links.slowest_from(self.site)     # narrowest link from this site stands for it
                 if slowest is not None:
                     self.monitor.add_radio(slowest.wire_s(array.nbytes))
-        confirms = []
-        for spec, body in bodies:
-            # A final output may have no listener (front end down): don't bounce it; an inner one must route.
-            confirms.append(self.publish_soon("tensors", self.names.tensor_key(hp.deployment, spec.name), body,
-                                              headers=headers, mandatory=not spec.final or bool(spec.consumers)))
+        # A final output may have no listener (front end down): don't bounce it; an inner one must route.
+        confirms = [self.publisher.soon("tensors", self.names.tensor_key(hp.deployment, spec.name), body,
+                                        headers=headers, mandatory=not spec.final or bool(spec.consumers))
+                    for spec, body in bodies]
 
         def done(ok: bool) -> None:
             if ok:
                 hp.mark_done(it.request_id)
                 self.stats["processed"] += 1
-            self.spawn(self._settle_extras(it, requeue=True, ok=ok), name="settle_extras")
+            self.spawn(self._settle_extras(it, "ack" if ok else "requeue"), name="settle_extras")
 
-        self.ack_when_confirmed(it.messages, confirms, on_done=done)
+        self.deliveries.ack_when_confirmed(it.messages, confirms, on_done=done)
 
     # ------------------------------------------------------------------ stop
     async def on_stop(self) -> None:
@@ -565,70 +445,20 @@ class ModelServer(Actor):
         partial = 0
         for hp in list(self.parts.values()):
             partial += await self._hand_back(hp)
-        queued, self._ready = list(self._ready), collections.deque()
+        queued = self.ready.drain()
         for it in queued:
-            await self._settle_extras(it, requeue=True)
+            await self._settle_extras(it, "requeue")
             for m in it.messages:
-                await self.nack(m, requeue=True)
+                await self.deliveries.requeue(m)
         self.log("handed_back", queued_requests=len(queued), partial_joins=partial, running=self._busy)
 
     async def _hand_back(self, hp: HostedPart) -> int:
-        n = len(hp.pending)
-        for pend in list(hp.pending.values()):
-            if pend.timer:
-                pend.timer.cancel()
+        pending = hp.joins.clear()
+        for pend in pending:
             for m in pend.messages.values():
-                await self.nack(m, requeue=True)
-        hp.pending.clear()
-        return n
+                await self.deliveries.requeue(m)
+        return len(pending)
 
-
-# ---------------------------------------------------------------------- worker-thread functions (TF)
-
-def _configure_tf(settings: Settings) -> None:
-    from splitinfer import _tf  # noqa: F401
-    import tensorflow as tf
-
-    with contextlib.suppress(RuntimeError):  # already initialised: keep what is set
-        tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
-
-
-def _load_and_warm(directory: Path, entry, max_batch: int):
-    """Load the part (safe_mode, sha256-checked), then trace it so the first request doesn't pay for it."""
-    from splitinfer.splitter.build import CompiledPart, random_inputs
-
-    part = CompiledPart.from_entry(directory, entry)
-    part(random_inputs(entry.inputs, 1, 0))
-    if max_batch > 1:  # a second batch size makes reduce_retracing generalise the batch dimension once
-        part(random_inputs(entry.inputs, 2, 0))
-        part(random_inputs(entry.inputs, 3, 0))
-    return part
-
-
-def _run_batch(compiled, requests: list[dict[str, TensorMessage]]) -> tuple[list[dict[str, np.ndarray]], float]:
-    """Run requests as one batch (concatenated on axis 0) and split the outputs back; compute seconds."""
-    t0 = time.perf_counter()
-    if len(requests) == 1:
-        out = compiled({n: t.array for n, t in requests[0].items()})
-        return [out], time.perf_counter() - t0
-    sizes = [next(iter(r.values())).array.shape[0] if next(iter(r.values())).array.ndim else 0 for r in requests]
-    same_tail = all(
-        all(r[n].array.ndim >= 1 and r[n].array.shape[1:] == requests[0][n].array.shape[1:] for n in requests[0])
-        for r in requests)
-    if same_tail and all(s > 0 for s in sizes):
-        joined = {n: np.concatenate([r[n].array for r in requests], axis=0) for n in requests[0]}
-        out = compiled(joined)
-        total = sum(sizes)
-        if all(v.ndim >= 1 and v.shape[0] == total for v in out.values()):
-            bounds = np.cumsum(sizes)[:-1]
-            split = {n: np.split(v, bounds, axis=0) for n, v in out.items()}
-            return [{n: split[n][i] for n in out} for i in range(len(requests))], time.perf_counter() - t0
-    outs = [compiled({n: t.array for n, t in r.items()}) for r in requests]
-    return outs, time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------- process entry point
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m splitinfer.actors.model_server", description=__doc__.splitlines()[0])
@@ -646,8 +476,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     power = None
     if args.power:
-        from splitinfer.messages import PowerSpec
-
         try:
             cw, rw, iw = (float(x) for x in args.power.split(","))
         except ValueError:
@@ -658,13 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--part without --split-dir needs --deployment (the parts come from the model pool)")
     settings = None
     if args.memory_limit_mb is not None:
-        from splitinfer.settings import get_settings
-
         settings = get_settings().model_copy(update={"memory_limit_mb": args.memory_limit_mb})
     run_actor(ModelServer(args.id, settings, site=args.site, capacity=args.capacity, split_dir=args.split_dir,
                           deployment=args.deployment, parts=parts, slowdown=args.slowdown, battery=args.battery,
                           power=power))
-
-
-if __name__ == "__main__":
-    main()

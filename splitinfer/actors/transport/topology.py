@@ -20,6 +20,10 @@ Tensor names contain ':' '/' '@' and may contain '.', which is the topic separat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -27,6 +31,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 HASH_EXCHANGE_TYPE = "x-consistent-hash"
+# reply_to of the tensors a front end sends: errors about them come back to it, not to the user; the result store
+# skips results published with this prefix
+INTERNAL_REPLY_PREFIX = "~fe:"
 _ESCAPES = (("%", "%25"), (".", "%2E"), ("*", "%2A"), ("#", "%23"))
 
 
@@ -126,11 +133,11 @@ class Names:
     REGISTRY_QUERY = "registry.query"
     POOL_REQUEST = "pool.request"
     POOL_UPLOAD = "pool.upload"
-    # sites, link emulation and monitors (issue 5)
+    # sites, link emulation and monitors
     LINKS_SET = "links.set"            # SetLinks, followed by every actor that receives tensors
     LINK_STATE = "state.link"          # LinkReport from a network monitor to the state pool
     STATE_QUERY = "state_pool.query"   # GetState -> ClusterState (RPC)
-    # the optimizer (issue 5): DeployModel / undeploy (RPC); plan tables pushed to front ends
+    # the optimizer: DeployModel / UndeployModel (RPC); plan tables pushed to front ends
     OPTIMIZER_DEPLOY = "optimizer.deploy"
     OPTIMIZER_UNDEPLOY = "optimizer.undeploy"
 
@@ -223,9 +230,6 @@ async def delete_namespace_part(channel: AbstractChannel, names: Names, deployme
 def _local_broker_names(prefix: str) -> dict[str, list[str]] | None:
     """Exchanges and queues whose name starts with `prefix.`, listed by the local rabbitmqctl (None: no listing;
     AMQP itself cannot list)."""
-    import shutil
-    import subprocess
-
     if shutil.which("rabbitmqctl") is None:
         return None
     names: dict[str, list[str]] = {}
@@ -245,9 +249,6 @@ async def delete_namespace(broker_url: str, prefix: str) -> int:
     """Delete every exchange and queue of a scratch namespace (a test run, a benchmark, the demo): queues expire by
     themselves, exchanges never do. Needs the broker's rabbitmqctl on this machine; otherwise deletes nothing.
     Returns how many were deleted. Never raises: cleanup must not fail the run it follows."""
-    import asyncio
-    import contextlib
-
     names = await asyncio.to_thread(_local_broker_names, prefix)
     if not names or not any(names.values()):
         return 0

@@ -1,16 +1,12 @@
-"""Result store: every result and error published to `<ns>.results`, kept in SQLite (URL setting) and queryable.
+"""The result store's storage: every result and error of a namespace, one row per message, in SQLite (the URL
+setting). Pure: sqlite3, no broker, so `splitinfer results` reads it without one.
 
-Storage (`ResultStore`) is plain sqlite3 and imports no broker code, so `splitinfer results` reads it without a
-broker. The actor (`ResultStoreActor`, run with `python -m splitinfer.actors.result_store`) binds its own queue to
-`<ns>.results` with `#`, writes each message and acks it only after the row is committed.
-
-Every message is kept, one row per message (no unique key on the job id): a job answered twice would show as two
-rows, which is how the tests check "answered once".
+Every message is kept (no unique key on the job id): a job answered twice would show as two rows, which is how the
+tests check "answered once".
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sqlite3
 import threading
@@ -30,7 +26,7 @@ CREATE TABLE IF NOT EXISTS results (
     message TEXT,                    -- error message (errors only)
     latency_s REAL,
     served_by TEXT,                  -- JSON list of servers (results) or the actor that failed (errors)
-    timings TEXT,                    -- JSON list of hops
+    hops TEXT,                       -- JSON list of hops (where the time went)
     outputs TEXT,                    -- JSON {tensor: {shape, dtype}} summary
     body BLOB,                       -- the message exactly as received (msgpack), outputs included
     received_at REAL NOT NULL,
@@ -72,7 +68,7 @@ class StoredRow:
     message: str | None
     latency_s: float | None
     served_by: Any
-    timings: list
+    hops: list
     outputs: dict
     received_at: float
     plan: str | None = None
@@ -81,7 +77,7 @@ class StoredRow:
         return {
             "id": self.id, "namespace": self.namespace, "job_id": self.job_id, "kind": self.kind,
             "deployment": self.deployment, "plan": self.plan, "code": self.code, "message": self.message,
-            "latency_s": self.latency_s, "served_by": self.served_by, "timings": self.timings,
+            "latency_s": self.latency_s, "served_by": self.served_by, "hops": self.hops,
             "outputs": self.outputs, "received_at": self.received_at,
         }
 
@@ -105,6 +101,8 @@ class ResultStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
         if "plan" not in columns:  # a store written before plan tables existed
             self._db.execute("ALTER TABLE results ADD COLUMN plan TEXT")
+        if "timings" in columns:  # a store written before the per-hop field had one name everywhere
+            self._db.execute("ALTER TABLE results RENAME COLUMN timings TO hops")
         self._db.commit()
 
     def close(self) -> None:
@@ -128,7 +126,7 @@ class ResultStore:
         message: str | None = None,
         latency_s: float | None = None,
         served_by: Any = None,
-        timings: list | None = None,
+        hops: list | None = None,
         outputs: dict | None = None,
         body: bytes | None = None,
         received_at: float | None = None,
@@ -139,10 +137,10 @@ class ResultStore:
         with self._lock:
             cur = self._db.execute(
                 "INSERT INTO results (namespace, job_id, kind, deployment, code, message, latency_s, served_by,"
-                " timings, outputs, body, received_at, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " hops, outputs, body, received_at, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     namespace, job_id, kind, deployment, code, message, latency_s,
-                    json.dumps(served_by), json.dumps(timings or []), json.dumps(outputs or {}),
+                    json.dumps(served_by), json.dumps(hops or []), json.dumps(outputs or {}),
                     body, time.time() if received_at is None else received_at, plan,
                 ),
             )
@@ -167,7 +165,7 @@ class ResultStore:
                 where.append(f"{column} = ?")
                 args.append(value)
         sql = (
-            "SELECT id, namespace, job_id, kind, deployment, code, message, latency_s, served_by, timings, outputs,"
+            "SELECT id, namespace, job_id, kind, deployment, code, message, latency_s, served_by, hops, outputs,"
             f" received_at, plan FROM results WHERE {' AND '.join(where)} ORDER BY id {'DESC' if newest_first else 'ASC'}"
         )
         if limit is not None:
@@ -208,96 +206,3 @@ class ResultStore:
                 yield row
             if not rows:
                 time.sleep(poll_s)
-
-
-# --------------------------------------------------------------------------------------------------- the actor
-
-def _summary(outputs: dict) -> dict:
-    return {name: {"shape": list(arr.shape), "dtype": arr.dtype.str} for name, arr in outputs.items()}
-
-
-@functools.lru_cache(maxsize=1)
-def _actor_class():
-    """The actor class, built lazily so importing this module (for `splitinfer results`) needs no broker code."""
-    from splitinfer.actors.base import Actor
-    from splitinfer.actors.front_end import INTERNAL_PREFIX
-    from splitinfer.actors.topology import escape_key
-    from splitinfer.messages import ErrorResult, MessageError, ResultMessage
-
-    internal_key_prefix = escape_key(INTERNAL_PREFIX)
-
-    class ResultStoreActor(Actor):
-        kind = "result_store"
-
-        def __init__(self, actor_id: str = "result_store", settings=None, url: str | None = None):
-            super().__init__(actor_id, settings)
-            self.store = ResultStore(url or self.settings.results_url())
-
-        @property
-        def queue_name(self) -> str:
-            return f"{self.names.ns}.result_store"
-
-        async def setup(self) -> None:
-            from splitinfer.actors.topology import queue_arguments
-
-            assert self.channel is not None
-            queue = await self.channel.declare_queue(
-                self.queue_name, durable=True,
-                arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
-            await queue.bind(self.exchanges["results"], routing_key="#")
-            await self.consume(queue, self.on_message)
-            self.log("storing", url=self.store.url, queue=self.queue_name)
-
-        async def on_message(self, message) -> None:
-            if (message.routing_key or "").startswith(internal_key_prefix):
-                # a model server's error about a front end's request: the front end answers the job with it
-                await self.ack(message)
-                return
-            try:
-                msg = self.decode(message, expect=(ResultMessage, ErrorResult))
-            except MessageError as exc:
-                # not something we can store as a result: keep the fact, dead-letter the bytes (no error result:
-                # answering a broken answer on the results exchange would loop)
-                job_id, reason = exc.job_id, exc.reason
-                await self.run_in_worker(lambda: self.store.add(
-                    self.names.ns, "error", job_id, code="undecodable_result", message=reason,
-                    served_by=message.routing_key))
-                self.stats["errors"] += 1
-                await self.nack(message, requeue=False)
-                return
-            body = bytes(message.body)
-            if isinstance(msg, ResultMessage):
-                row = dict(kind="result", deployment=msg.deployment, latency_s=msg.latency_s, served_by=msg.served_by,
-                           timings=[h.model_dump() for h in msg.hops], outputs=_summary(msg.outputs), plan=msg.plan)
-            else:
-                row = dict(kind="error", deployment=msg.deployment, code=msg.code, message=msg.message,
-                           served_by=msg.where, plan=msg.plan)
-            kind = row.pop("kind")
-            await self.run_in_worker(lambda: self.store.add(self.names.ns, kind, msg.job_id, body=body, **row))
-            self.stats["processed"] += 1
-            await self.ack(message)
-
-    return ResultStoreActor
-
-
-def __getattr__(name: str):
-    if name == "ResultStoreActor":
-        return _actor_class()
-    raise AttributeError(name)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m splitinfer.actors.result_store [--id ID] [--url sqlite:///path.db]`"""
-    import argparse
-
-    from splitinfer.actors.base import run_actor
-
-    parser = argparse.ArgumentParser(prog="python -m splitinfer.actors.result_store")
-    parser.add_argument("--id", default="result_store")
-    parser.add_argument("--url", default=None, help="result store URL (default: settings.result_store_url)")
-    args = parser.parse_args(argv)
-    run_actor(_actor_class()(args.id, url=args.url))
-
-
-if __name__ == "__main__":
-    main()

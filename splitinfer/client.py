@@ -1,4 +1,4 @@
-"""The Python API: run inference on a deployed split model, deploy splits, and plain publish/subscribe helpers.
+"""The Python SDK: run inference on a deployed split model, deploy splits and models, read the cluster's state.
 
     async with Client(settings) as c:
         dep = await c.deploy("split_dir", replicas=1)           # upload to the pool, order servers to load parts
@@ -13,12 +13,15 @@ front end (`<ns>.jobs`); answers come back on `<ns>.results` with this client's 
 
 For users who wire their own: `publish_job(job)` puts an InferenceJob (or raw bytes) on the jobs queue;
 `subscribe_results(key)` yields every ResultMessage / ErrorResult published with that key ("#": all).
+
+The Client is not an actor: it composes a transport session (connection, publisher, RPC) with the typed clients
+of the services it talks to (registry, model pool, state pool, optimizer, model servers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -26,45 +29,36 @@ from pathlib import Path
 
 import aio_pika
 import numpy as np
+from aio_pika.abc import AbstractIncomingMessage
 
-from splitinfer.actors.base import Actor
-from splitinfer.actors.topology import Names, escape_key
+from splitinfer.actors.model_pool.client import PoolClient, PoolError
+from splitinfer.actors.model_server.client import ServerOrders, failures
+from splitinfer.actors.optimizer.client import OptimizerClient
+from splitinfer.actors.registry.client import RegistryClient
+from splitinfer.actors.state_pool.client import StatePoolClient
+from splitinfer.actors.transport import Names, RemoteError, Session, Unroutable
+from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     ActorInfo,
-    DeleteDeployment,
+    ClusterState,
     DeployModel,
     ErrorResult,
     InferenceJob,
-    ListDeployments,
+    LinkSpec,
     MessageError,
-    PartRequest,
-    PoolManifest,
-    Reply,
     Requirements,
     ResultMessage,
+    SetLinks,
     decode,
     encode,
+    plan_deployment_name,
 )
-from splitinfer.settings import Settings, get_settings
+from splitinfer.monitor.links import MBIT
+from splitinfer.splitter.errors import SplitError
+from splitinfer.splitter.manifest import APPLICATIONS_PREFIX, Manifest
 
-ANSWER_SLACK_S = 10.0  # past the job's deadline the front end has answered; wait this much longer for the message
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-class _NullStream:
-    def write(self, _: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
+ANSWER_SLACK_S = 10.0   # past the job's deadline the front end has answered; wait this much longer for the message
+LISTING_TIMEOUT_S = 10.0
 
 
 class ClientError(Exception):
@@ -86,76 +80,61 @@ class Deployment:
     load_s: float = 0.0
 
 
-@dataclass
-class _Waiter:
-    future: asyncio.Future
-    sent_at: float = 0.0
-
-
-class Client(Actor):
-    """A broker actor of kind "client" (registers like any actor, so `status` shows it)."""
-
-    kind = "client"
-
-    def __init__(self, settings: Settings | None = None, client_id: str | None = None, *, verbose: bool = False):
-        super().__init__(client_id or f"client-{uuid.uuid4().hex[:10]}", settings)
-        if not verbose:  # the actors' JSON log lines are for operators; a library caller gets exceptions instead
-            self.log.stream = _NullStream()
-        self._waiters: dict[str, _Waiter] = {}
-        self._manifests: dict[str, object] = {}
-        self._results_queue = None
+class Client:
+    def __init__(self, settings: Settings | None = None, client_id: str | None = None):
+        self.id = client_id or f"client-{uuid.uuid4().hex[:10]}"
+        self.settings = settings or get_settings()
+        self.session = Session(self.settings, f"client:{self.id}")
+        self.names = self.session.names
+        rpc = self.session.rpc
+        self.registry = RegistryClient(rpc)
+        self.pool = PoolClient(rpc, self.settings.pool_chunk_bytes)
+        self.state_pool = StatePoolClient(rpc)
+        self.optimizer = OptimizerClient(rpc)
+        self.orders = ServerOrders(rpc, self.names)
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._manifests: dict[str, Manifest] = {}
 
     async def __aenter__(self) -> "Client":
         await self.start()
         return self
 
-    async def start(self) -> None:
-        """Fail fast when no broker answers (the base actor retries for a minute and more: right for a server
-        process that the supervisor started before the broker was up, not for a user waiting on a command)."""
-        import logging
-
-        quiet = [logging.getLogger(n) for n in ("aiormq", "aio_pika")]
-        levels = [lg.level for lg in quiet]
-        for lg in quiet:  # a refused probe is the answer we report, not a log line
-            lg.setLevel(logging.CRITICAL)
-        try:
-            probe = await aio_pika.connect(self.settings.broker_url, timeout=5)
-        except Exception as exc:
-            raise ConnectionError(f"no broker answers at {_safe_url(self.settings.broker_url)} "
-                                  f"({type(exc).__name__}); is RabbitMQ running, or is `splitinfer up` using a "
-                                  f"private one (set SPLITINFER_BROKER_URL)?") from None
-        finally:
-            for lg, level in zip(quiet, levels):
-                lg.setLevel(level)
-        await probe.close()
-        await super().start()
-
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    async def setup(self) -> None:
-        assert self.channel is not None
-        q = await self.channel.declare_queue(f"{self.names.ns}.client.{escape_key(self.id)}", exclusive=True,
-                                             auto_delete=True)
-        await q.bind(self.exchanges["results"], routing_key=self.names.result_key(self.id))
+    async def start(self) -> None:
+        """Connect, or fail at once with one line when no broker answers (no minute of retries for a user)."""
+        await self.session.open(fail_fast=True)
+        channel = self.session.connection.channel
+        q = await channel.declare_queue(f"{self.names.ns}.client.{self.names.result_key(self.id)}", exclusive=True,
+                                        auto_delete=True)
+        await q.bind(self.session.connection.exchanges["results"], routing_key=self.names.result_key(self.id))
         await q.consume(self._on_answer, no_ack=True)
-        self._results_queue = q
 
-    async def on_stop(self) -> None:
-        for w in self._waiters.values():
-            if not w.future.done():
-                w.future.set_exception(ClientError(f"client {self.id} stopped before the answer came"))
+    async def stop(self) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ClientError(f"client {self.id} stopped before the answer came"))
         self._waiters.clear()
+        await self.session.close()
 
-    async def _on_answer(self, message) -> None:
+    async def _on_answer(self, message: AbstractIncomingMessage) -> None:
         try:
             msg = decode(message.body, max_bytes=self.settings.max_message_bytes, expect=(ResultMessage, ErrorResult))
-        except MessageError as exc:
-            self.log.warning("bad_answer", error=exc.reason)
+        except MessageError:
             return
-        w = self._waiters.pop(msg.job_id or "", None)
-        if w is not None and not w.future.done():
-            w.future.set_result(msg)
+        fut = self._waiters.pop(msg.job_id or "", None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def _ask(self, coro, what: str):
+        """A service's answer, or ClientError saying that it did not answer or what it refused."""
+        try:
+            return await coro
+        except (asyncio.TimeoutError, Unroutable):
+            raise ClientError(f"the {what} did not answer: is the cluster up (`splitinfer up`)?") from None
+        except (RemoteError, PoolError) as exc:
+            raise ClientError(str(exc)) from None
 
     # ------------------------------------------------------------------ inference
     async def submit(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
@@ -177,9 +156,10 @@ class Client(Actor):
         """Publish a prepared job (or raw bytes, e.g. to test the front end) and return the answer's future."""
         jid = job.job_id if isinstance(job, InferenceJob) else (job_id or uuid.uuid4().hex)
         fut = asyncio.get_running_loop().create_future()
-        self._waiters[jid] = _Waiter(fut, asyncio.get_running_loop().time())
+        self._waiters[jid] = fut
         try:
-            await self.publish("", self.names.jobs, job, headers={"request_id": jid, "reply_to": self.id})
+            await self.session.publisher.publish("", self.names.jobs, job,
+                                                 headers={"request_id": jid, "reply_to": self.id})
         except BaseException:
             self._waiters.pop(jid, None)
             raise
@@ -204,31 +184,25 @@ class Client(Actor):
         try:
             return await asyncio.wait_for(asyncio.shield(fut), limit)
         except asyncio.TimeoutError:
-            for job_id, w in list(self._waiters.items()):
-                if w.future is fut:
+            for job_id, waiting in list(self._waiters.items()):
+                if waiting is fut:
                     del self._waiters[job_id]
             raise TimeoutError(f"no answer within {limit:.1f}s: is the front end running (`splitinfer up`)?") from None
 
     async def input_names(self, deployment: str) -> list[str]:
-        return [t["name"] for t in (await self.manifest_json(deployment))["inputs"]]
+        return [t.name for t in (await self.manifest(deployment)).inputs]
 
-    async def manifest_json(self, deployment: str) -> dict:
-        """The deployment's manifest from the model pool as plain JSON (cached). Plain on purpose: the Manifest
-        model lives in splitinfer.splitter, whose package import loads TensorFlow, which a client that only
-        sends jobs should not pay for."""
+    async def manifest(self, deployment: str) -> Manifest:
+        """The deployment's manifest from the model pool (cached); a model deployment's first plan's (every plan
+        takes and gives the same tensors)."""
         if deployment not in self._manifests:
             listed = deployment
-            if deployment in await self.models():  # a model deployment: every plan takes the same inputs
+            if deployment in await self.models():
                 table = await self.plan_table(deployment)
-                from splitinfer.planner.optimize import plan_deployment_name
-
                 listed = plan_deployment_name(deployment, table["plans"][0]["id"])
             elif deployment not in await self.deployments():
                 raise ClientError(f"no deployment {deployment!r} in the model pool")
-            r = await self.rpc(Names.POOL_REQUEST, PartRequest(deployment=listed, file="manifest.json"))
-            if not isinstance(r, PoolManifest):
-                raise ClientError(f"the model pool has no manifest for {deployment!r}: {getattr(r, 'message', r)}")
-            self._manifests[deployment] = json.loads(r.manifest)
+            self._manifests[deployment] = await self._ask(self.pool.manifest(listed), "model pool")
         return self._manifests[deployment]
 
     # ------------------------------------------------------------------ cluster
@@ -237,60 +211,41 @@ class Client(Actor):
         return [a for a in await self.actors(include_dead) if a.kind == "model_server"]
 
     async def actors(self, include_dead: bool = False) -> list[ActorInfo]:
-        from splitinfer.actors.registry import who_hosts
-
-        try:
-            return list((await who_hosts(self, include_dead=include_dead)).actors)
-        except (asyncio.TimeoutError, aio_pika.exceptions.PublishError):  # no registry (yet): its queue is unbound
-            raise ClientError("the registry did not answer: is the cluster up (`splitinfer up`)?") from None
+        return await self._ask(self.registry.who_hosts(include_dead=include_dead), "registry")
 
     async def deployments(self) -> list[str]:
-        return (await self._listing()).get("deployments", [])
+        return list((await self._ask(self.pool.listing(timeout=LISTING_TIMEOUT_S), "model pool")).deployments)
 
     async def models(self) -> list[str]:
         """Model deployments: names with a plan table (deploy_model), each plan a deployment `<name>:<plan>`."""
-        return (await self._listing()).get("models", [])
-
-    async def _listing(self) -> dict[str, list[str]]:
-        try:
-            r = await self.rpc(Names.POOL_REQUEST, ListDeployments(), timeout=min(10.0, self.settings.rpc_timeout_s))
-        except (asyncio.TimeoutError, aio_pika.exceptions.PublishError):
-            raise ClientError("the model pool did not answer: is the cluster up (`splitinfer up`)?") from None
-        return {k: list(v) for k, v in r.data.items()} if isinstance(r, Reply) else {}
+        return list((await self._ask(self.pool.listing(timeout=LISTING_TIMEOUT_S), "model pool")).models)
 
     async def plan_table(self, model: str) -> dict:
         """A model deployment's plan table (planner.PlanTable.to_json()): plans with predicted latency, device
         energy, fidelity, throughput, route; `primary` is the objective's best."""
-        from splitinfer.actors.model_pool import fetch_plan_table
-
-        doc = await fetch_plan_table(self, model)
+        doc = await self._ask(self.pool.plan_table(model), "model pool")
         if doc is None:
             raise ClientError(f"no model deployment {model!r} in the model pool")
-        return doc["table"]
+        return doc.table
 
     async def deploy_model(self, model: str | Path, name: str | None = None, *, objective: str = "latency",
                            sla_s: float | None = None, servers: list[str] | None = None,
                            input_shape: list[int] | None = None, compression: bool = False, max_plans: int = 6,
                            client_site: str | None = None, timeout: float | None = None) -> dict:
         """Ask the optimizer to profile, plan, split and deploy `model` (`keras.applications:NAME` or a .keras file,
-        uploaded to the pool first) as `name`; returns its plan table once every plan serves. ClientError names
-        what failed (an SLA no plan meets, a server that is not registered, a part that did not load): nothing is
-        left half deployed."""
-        from splitinfer.actors.model_pool import PoolError, upload_source
-        from splitinfer.splitter.build import APPLICATIONS_PREFIX
-
+        uploaded to the pool first) as `name`; returns its DeployReply as a dict (name, table, deployments,
+        timings_s) once every plan serves. ClientError names what failed (an SLA no plan meets, a server that is
+        not registered, a part that did not load): nothing is left half deployed."""
         origin = str(model)
         if not origin.startswith(APPLICATIONS_PREFIX):
             path = Path(origin)
             if not path.is_file() or path.suffix != ".keras":
                 raise ClientError(f"{origin} is not a .keras file (or use keras.applications:NAME)")
             try:
-                origin = await upload_source(self, path)
+                origin = await self.pool.upload_source(path)
             except (PoolError, asyncio.TimeoutError) as exc:
                 raise ClientError(f"could not upload {path} to the model pool: {exc}") from None
         if name is None:
-            import re
-
             base = re.sub(r"[^A-Za-z0-9_-]", "-", Path(origin.split(":")[-1]).stem.lower())[:40].strip("-")
             name = f"{base or 'model'}-{objective}"
         try:
@@ -299,29 +254,26 @@ class Client(Actor):
                               max_plans=max_plans, client_site=client_site)
         except ValueError as exc:
             raise ClientError(f"bad deploy request: {str(exc).splitlines()[0]}") from None
-        r = await self._ask_optimizer(Names.OPTIMIZER_DEPLOY, req, f"deploy of {name}",
-                                      timeout or self.settings.deploy_timeout_s + 30)
+        limit = timeout or self.settings.deploy_timeout_s + 30
+        reply = await self._ask_optimizer(self.optimizer.deploy(req, limit), f"deploy of {name}", limit)
         self._manifests.pop(name, None)
-        return {"name": name, **r.data}
+        return reply.model_dump(exclude={"v", "message"})
 
     async def undeploy(self, name: str, timeout: float = 120.0) -> str:
         """Unload every plan of a model deployment and delete it from the pool."""
-        r = await self._ask_optimizer(Names.OPTIMIZER_UNDEPLOY, DeleteDeployment(deployment=name),
-                                      f"undeploy of {name}", timeout)
+        reply = await self._ask_optimizer(self.optimizer.undeploy(name, timeout), f"undeploy of {name}", timeout)
         self._manifests.pop(name, None)
-        return r.message
+        return reply.message
 
-    async def _ask_optimizer(self, key: str, msg, what: str, timeout: float) -> Reply:
-        """The optimizer's Reply, or ClientError saying why there is none or what failed."""
+    async def _ask_optimizer(self, coro, what: str, timeout: float):
         try:
-            r = await self.rpc(key, msg, timeout=timeout)
-        except aio_pika.exceptions.PublishError:
+            return await coro
+        except Unroutable:
             raise ClientError("no optimizer is running (start the cluster with `splitinfer up`)") from None
         except asyncio.TimeoutError:
             raise ClientError(f"the optimizer did not answer within {timeout:.0f}s") from None
-        if not isinstance(r, Reply) or not r.ok:
-            raise ClientError(f"{what} failed: {getattr(r, 'message', r)}")
-        return r
+        except RemoteError as exc:
+            raise ClientError(f"{what} failed: {exc}") from None
 
     async def wait_for_servers(self, n: int, timeout: float = 60.0) -> list[ActorInfo]:
         """Wait until at least n model servers are alive (registered with the registry)."""
@@ -348,10 +300,6 @@ class Client(Actor):
         servers (replica k of part i on server (i + k) mod n, so replicas of a part land on different servers).
         The deployment is named by the split's id unless `deployment` names it: the same split deployed again onto
         other servers adds replicas to that deployment; give another name for a separate one."""
-        from splitinfer.actors.model_pool import PoolError, send_load_orders, upload_split
-        from splitinfer.splitter.graph import SplitError
-        from splitinfer.splitter.manifest import Manifest
-
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
@@ -361,51 +309,51 @@ class Client(Actor):
         if replicas < 1:
             raise ClientError("replicas must be at least 1")
         live = await self.wait_for_servers(max(1, min_servers), timeout=min(timeout, 60.0))
-        ids = [s.actor_id for s in live]
-        parts = [p.name for p in manifest.parts]
-        if placement is None:
-            if replicas > len(ids):
-                raise ClientError(f"{replicas} replicas per part need {replicas} live servers; {len(ids)} are live")
-            plan = {p: [ids[(i + k) % len(ids)] for k in range(replicas)] for i, p in enumerate(parts)}
-        else:
-            plan = {p: [s] if isinstance(s, str) else list(s) for p, s in placement.items()}
-            unknown = [p for p in plan if p not in parts]
-            if unknown:
-                raise ClientError(f"placement names part {unknown[0]!r}; the split has {parts}")
-            missing = [p for p in parts if p not in plan]
-            if missing:
-                raise ClientError(f"placement does not place part {missing[0]!r}")
-            dead = sorted({s for servers in plan.values() for s in servers if s not in ids})
-            if dead:
-                raise ClientError(f"placement uses server(s) {dead} that are not live (live: {ids})")
-            if any(not servers for servers in plan.values()):
-                raise ClientError("every part needs at least one server")
-            twice = [p for p, servers in plan.items() if len(set(servers)) != len(servers)]
-            if twice:
-                raise ClientError(f"placement puts two replicas of {twice[0]!r} on one server")
+        plan = self._placement(manifest, placement, replicas, [s.actor_id for s in live])
         try:
-            dep = await upload_split(self, Path(split_dir), deployment)
+            dep = await self.pool.upload_split(Path(split_dir), deployment)
         except PoolError as exc:
             raise ClientError(str(exc)) from None
         except asyncio.TimeoutError:
             raise ClientError("the model pool did not answer the upload: is the cluster up?") from None
-        remaining = max(10.0, timeout - (loop.time() - t0))
-        answers = await send_load_orders(self, dep, plan, timeout=remaining)
-        failed = {k: r.message for k, r in answers.items() if not r.ok}
+        answers = await self.orders.load(dep, plan, timeout=max(10.0, timeout - (loop.time() - t0)))
+        failed = failures(answers)
         if failed:
-            (part, server), why = next(iter(failed.items()))
-            raise ClientError(f"{len(failed)} load order(s) failed; {part} on {server}: {why}")
-        self._manifests[dep] = json.loads(manifest.model_dump_json())
+            raise ClientError(failed)
+        self._manifests[dep] = manifest
         return Deployment(dep, plan, [t.name for t in manifest.inputs], manifest.output_names,
                           load_s=loop.time() - t0)
+
+    @staticmethod
+    def _placement(manifest: Manifest, placement: Mapping[str, str | list[str]] | None, replicas: int,
+                   ids: list[str]) -> dict[str, list[str]]:
+        parts = [p.name for p in manifest.parts]
+        if placement is None:
+            if replicas > len(ids):
+                raise ClientError(f"{replicas} replicas per part need {replicas} live servers; {len(ids)} are live")
+            return {p: [ids[(i + k) % len(ids)] for k in range(replicas)] for i, p in enumerate(parts)}
+        plan = {p: [s] if isinstance(s, str) else list(s) for p, s in placement.items()}
+        unknown = [p for p in plan if p not in parts]
+        if unknown:
+            raise ClientError(f"placement names part {unknown[0]!r}; the split has {parts}")
+        missing = [p for p in parts if p not in plan]
+        if missing:
+            raise ClientError(f"placement does not place part {missing[0]!r}")
+        dead = sorted({s for servers in plan.values() for s in servers if s not in ids})
+        if dead:
+            raise ClientError(f"placement uses server(s) {dead} that are not live (live: {ids})")
+        if any(not servers for servers in plan.values()):
+            raise ClientError("every part needs at least one server")
+        twice = [p for p, servers in plan.items() if len(set(servers)) != len(servers)]
+        if twice:
+            raise ClientError(f"placement puts two replicas of {twice[0]!r} on one server")
+        return plan
 
     async def set_links(self, links: Mapping[str, object], *, emulate: bool | None = True, default=None,
                         replace: bool = True) -> None:
         """Change the emulated links of every running actor (SetLinks on `<ns>.control`, key `links.set`).
         links: {"siteA-siteB": LinkSpec | (rtt seconds, bandwidth bytes/s or None)}; `emulate` turns emulation
         on/off (None: leave it). Takes effect for tensors received after the order arrives."""
-        from splitinfer.messages import LinkSpec, SetLinks
-        from splitinfer.monitor.links import MBIT
 
         def spec(v) -> LinkSpec:
             if isinstance(v, LinkSpec):
@@ -415,32 +363,23 @@ class Client(Actor):
 
         msg = SetLinks(links={k: spec(v) for k, v in links.items()}, emulate=emulate, replace=replace,
                        default=None if default is None else spec(default))
-        await self.publish("control", Names.LINKS_SET, msg, mandatory=False)
+        await self.session.publisher.publish("control", Names.LINKS_SET, msg, mandatory=False)
 
-    async def cluster_state(self, include_dead: bool = False):
+    async def cluster_state(self, include_dead: bool = False) -> ClusterState:
         """The state pool's ClusterState: every actor's latest monitor state and every measured link."""
-        from splitinfer.actors.state_pool import get_state
-
-        try:
-            return await get_state(self, include_dead, timeout=min(10.0, self.settings.rpc_timeout_s))
-        except (asyncio.TimeoutError, aio_pika.exceptions.PublishError):
-            raise ClientError("the state pool did not answer: is the cluster up (`splitinfer up`)?") from None
+        return await self._ask(self.state_pool.get_state(include_dead, timeout=min(10.0, self.settings.rpc_timeout_s)),
+                               "state pool")
 
     async def queue_depths(self, queues: list[str]) -> dict[str, int | None]:
-        """Messages ready in each named queue (None: no such queue). Uses a throwaway channel: a passive declare
-        of a missing queue closes its channel."""
-        assert self.connection is not None
+        """Messages ready in each named queue (None: no such queue)."""
         out: dict[str, int | None] = {}
         for name in queues:
-            ch = await self.connection.channel()
             try:
-                q = await ch.declare_queue(name, passive=True)
-                out[name] = int(q.declaration_result.message_count or 0)
+                async with self.session.connection.scratch_channel() as ch:
+                    q = await ch.declare_queue(name, passive=True)
+                    out[name] = int(q.declaration_result.message_count or 0)
             except Exception:
                 out[name] = None
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
         return out
 
 

@@ -1,0 +1,3 @@
+from splitinfer.actors.front_end.actor import main
+
+main()

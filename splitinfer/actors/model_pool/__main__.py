@@ -1,0 +1,3 @@
+from splitinfer.actors.model_pool.actor import main
+
+main()

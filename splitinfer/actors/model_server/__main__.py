@@ -1,0 +1,3 @@
+from splitinfer.actors.model_server.actor import main
+
+main()

@@ -1,0 +1,3 @@
+from splitinfer.actors.optimizer.actor import main
+
+main()

@@ -1,0 +1,3 @@
+from splitinfer.actors.registry.actor import main
+
+main()

@@ -1,0 +1,3 @@
+from splitinfer.actors.result_store.actor import main
+
+main()

@@ -1,0 +1,3 @@
+from splitinfer.actors.state_pool.actor import main
+
+main()

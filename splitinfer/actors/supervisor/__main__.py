@@ -1,0 +1,3 @@
+from splitinfer.actors.supervisor.supervisor import main
+
+main()

@@ -1,0 +1,232 @@
+"""The broker a cluster runs on: is there one, does it have the consistent-hash exchange, and, when none answers
+and RabbitMQ is installed, a private node of our own (own node name, port, data directory, the project's
+rabbitmq.conf, the plugin enabled) that the supervisor starts and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+
+from splitinfer.actors import transport
+from splitinfer.actors.transport import masked
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+RABBITMQ_CONF = REPO_ROOT / "rabbitmq.conf"
+HASH_PLUGIN = "rabbitmq_consistent_hash_exchange"
+
+
+class BrokerError(Exception):
+    """A broker problem the user can fix (shown as one line by the CLI)."""
+
+
+def broker_answers(url: str, timeout: float = 3.0) -> bool:
+    """True if an AMQP broker accepts a connection at url (from synchronous code)."""
+    return _run_coro(transport.broker_answers(url, timeout))
+
+
+def has_hash_exchange(url: str) -> bool:
+    """True if the broker knows the x-consistent-hash exchange type (plugin enabled)."""
+
+    async def probe() -> bool:
+        conn = await aio_pika.connect(url, timeout=5)
+        try:
+            ch = await conn.channel()
+            name = f"splitinfer.probe.{os.getpid()}.{time.monotonic_ns()}"
+            try:
+                ex = await ch.declare_exchange(name, "x-consistent-hash", auto_delete=True,
+                                               arguments={"hash-header": "request_id"})
+            except Exception:
+                return False
+            await ex.delete()
+            return True
+        finally:
+            await conn.close()
+
+    return _run_coro(probe())
+
+
+def _run_coro(coro):
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # called from inside a running loop: run in a helper thread with its own loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _is_local(url: str) -> bool:
+    host = urlsplit(url).hostname or "localhost"
+    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname())
+
+
+def with_port(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    creds = netloc[0] + "@" if len(netloc) == 2 else ""
+    host = parts.hostname or "localhost"
+    return urlunsplit((parts.scheme, f"{creds}{host}:{port}", parts.path or "/", parts.query, parts.fragment))
+
+
+def _rabbit_bin(name: str) -> str | None:
+    """The real RabbitMQ script: Debian's /usr/sbin wrapper switches to the rabbitmq user and hides output."""
+    direct = Path("/usr/lib/rabbitmq/bin") / name
+    if direct.exists():
+        return str(direct)
+    return shutil.which(name)
+
+
+def rabbitmq_installed() -> bool:
+    return _rabbit_bin("rabbitmq-server") is not None
+
+
+def enable_hash_plugin_on_local_broker() -> None:
+    """Enable the consistent-hash exchange on the machine's broker (online, no restart)."""
+    tool = shutil.which("rabbitmq-plugins")
+    if tool is None:
+        raise BrokerError(f"the broker lacks the x-consistent-hash exchange; run: rabbitmq-plugins enable {HASH_PLUGIN}")
+    proc = subprocess.run([tool, "enable", HASH_PLUGIN], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
+        raise BrokerError(f"rabbitmq-plugins enable {HASH_PLUGIN} failed: {first[0] if first else proc.returncode}")
+
+
+@dataclass
+class PrivateBroker:
+    """A RabbitMQ node of our own: node name, port, data directory and config are private to it."""
+
+    port: int
+    data_dir: Path
+    say: Callable[[str], None] = print
+    proc: subprocess.Popen | None = None
+    dist_port: int = 0  # Erlang distribution port (rabbitmqctl talks to the node on it); chosen free at start
+
+    def _pick_dist_port(self) -> int:
+        """RabbitMQ's default, port + 20000, is invalid above 45535: take it when valid and free, else any free port."""
+        candidates = [self.port + 20000] if self.port + 20000 <= 65535 else []
+        for candidate in candidates + [0]:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", candidate))
+                except OSError:
+                    continue
+                return sock.getsockname()[1]
+        raise BrokerError("no free port for the private broker's Erlang distribution")
+
+    @property
+    def nodename(self) -> str:
+        return f"splitinfer{self.port}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@localhost:{self.port}/"
+
+    def env(self) -> dict[str, str]:
+        d = self.data_dir
+        env_file = d / "rabbitmq-env.conf"  # empty: keep /etc/rabbitmq/rabbitmq-env.conf (NODENAME=...) out of it
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_CONF_ENV_FILE": str(env_file),
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "HOME": str(d),  # its own Erlang cookie
+        }
+
+    def start(self, timeout: float = 90.0) -> str:
+        server = _rabbit_bin("rabbitmq-server")
+        if server is None:
+            raise BrokerError("no broker answers and rabbitmq-server is not installed")
+        d = self.data_dir
+        for sub in ("mnesia", "log"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(RABBITMQ_CONF, d / "rabbitmq.conf")
+        (d / "enabled_plugins").write_text(f"[{HASH_PLUGIN}].\n")
+        (d / "rabbitmq-env.conf").write_text("")
+        cookie = d / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(os.urandom(16).hex().upper())
+            cookie.chmod(0o400)
+        if broker_answers(self.url, timeout=2):
+            self.say(f"reusing the private broker already running at {self.url} (node {self.nodename})")
+            return self.url
+        self.dist_port = self._pick_dist_port()
+        self.say(f"no broker answers: starting a private RabbitMQ node {self.nodename} on port {self.port} "
+                 f"(data in {d}, config {RABBITMQ_CONF})")
+        log = open(d / "log" / "server.out", "ab")
+        self.proc = subprocess.Popen([server], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=d)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"private broker exited with code {self.proc.returncode}; see {d / 'log'}")
+            if broker_answers(self.url, timeout=2):
+                self.say(f"private broker ready at {self.url}; other commands reach it with "
+                         f"SPLITINFER_BROKER_URL={self.url}")
+                return self.url
+            time.sleep(0.5)
+        self.stop()
+        raise BrokerError(f"private broker did not answer within {timeout:.0f}s; see {d / 'log'}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        ctl = _rabbit_bin("rabbitmqctl")
+        if ctl:
+            with contextlib.suppress(Exception):
+                subprocess.run([ctl, "-n", self.nodename, "stop"], env=self.env(), capture_output=True, timeout=timeout)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.say(f"private broker {self.nodename} stopped")
+
+
+def ensure_broker(url: str, private_port: int, data_dir: Path, say: Callable[[str], None] = print,
+                  allow_private: bool = True) -> tuple[str, PrivateBroker | None]:
+    """The URL of a broker that answers and has the consistent-hash exchange, and the private broker if we started
+    one (the caller stops it)."""
+    if broker_answers(url):
+        if not has_hash_exchange(url):
+            if not _is_local(url):
+                raise BrokerError(f"the broker at {masked(url)} lacks the x-consistent-hash exchange; "
+                                   f"enable it there: rabbitmq-plugins enable {HASH_PLUGIN}")
+            say(f"enabling {HASH_PLUGIN} on the local broker")
+            enable_hash_plugin_on_local_broker()
+            if not has_hash_exchange(url):
+                raise BrokerError(f"{HASH_PLUGIN} still unavailable at {masked(url)} after enabling it")
+        return url, None
+    if not allow_private:
+        raise BrokerError(f"no broker answers at {masked(url)}")
+    if not rabbitmq_installed():
+        raise BrokerError(f"no broker answers at {masked(url)} and rabbitmq-server is not installed")
+    broker = PrivateBroker(private_port, Path(data_dir), say=say)
+    return broker.start(), broker

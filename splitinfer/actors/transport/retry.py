@@ -1,0 +1,77 @@
+"""Every retry loop of the runtime, with its bounds named in one place, and what counts as worth retrying.
+
+A retry is one of these policies and nothing else: publishing (a nack, a returned message, a lost channel), an
+actor's first connection (the broker may still be starting), the supervisor's restarts of a crashed actor, and a
+job's re-sends by the front end. Errors are told apart by type (`classify`), never by matching their text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Iterator
+
+import aiormq.exceptions
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """At most `attempts` tries; before try k+1 wait first_s * factor**k, never more than max_s."""
+
+    attempts: int
+    first_s: float
+    max_s: float
+    factor: float = 2.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` failed tries in a row (failures >= 1)."""
+        return min(self.max_s, self.first_s * self.factor ** max(0, failures - 1))
+
+    def delays(self) -> Iterator[float]:
+        """The waits between the tries: attempts - 1 of them."""
+        for k in range(1, self.attempts):
+            yield self.delay(k)
+
+
+# A confirmed publish: a nack, a returned (unroutable) message or a lost channel is tried again this often.
+PUBLISH = Backoff(attempts=4, first_s=0.1, max_s=0.8)
+# Sent once: a heartbeat (the next one follows within an interval), a probe of whether a broker answers.
+ONCE = Backoff(attempts=1, first_s=0.0, max_s=0.0)
+# An actor process's first connection: the supervisor may start actors before the broker answers.
+CONNECT = Backoff(attempts=20, first_s=0.5, max_s=5.0)
+# A user's command or the SDK: one try, this long, then a one-line error (no minute of silent retries).
+CLIENT_CONNECT_TIMEOUT_S = 5.0
+# The supervisor restarts a crashed actor after these waits; a run this long counts as healthy (resets the count).
+RESTART = Backoff(attempts=9, first_s=0.5, max_s=10.0)
+HEALTHY_AFTER_S = 60.0
+# The front end re-sends a job whose attempt produced nothing after this share of its deadline, this many times.
+JOB_RETRIES = 1
+JOB_RETRY_SHARE = 0.5
+
+
+class Unroutable(Exception):
+    """The broker returned a mandatory message: no queue is bound to its routing key (AMQP 312 NO_ROUTE)."""
+
+
+NO_ROUTE = 312
+
+
+def is_unroutable(exc: BaseException) -> bool:
+    frame = getattr(exc, "frame", None)
+    return isinstance(exc, (Unroutable, aiormq.exceptions.PublishError)) and (
+        isinstance(exc, Unroutable) or getattr(frame, "reply_code", None) == NO_ROUTE)
+
+
+# Failures of a publish that another try may cure: the broker nacked or returned it, the channel or connection was
+# lost (a robust connection reopens it), or the confirm did not come in time.
+TRANSIENT = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError,
+             asyncio.TimeoutError)
+
+
+def classify(exc: BaseException) -> str:
+    """'unroutable', 'transient' or 'fatal' (a bug or a bad argument: retrying cannot help)."""
+    if is_unroutable(exc):
+        return "unroutable"
+    if isinstance(exc, TRANSIENT):
+        return "transient"
+    return "fatal"

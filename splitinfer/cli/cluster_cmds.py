@@ -1,0 +1,117 @@
+"""up, status: start a cluster, and see what runs in it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from splitinfer.actors.supervisor import BrokerError, Supervisor
+from splitinfer.client import Client
+from splitinfer.cli.app import BROKER_HELP, NS_HELP, UserError, app, client_errors, cluster_settings, console, user_errors
+from splitinfer.config import ClusterConfig
+
+
+@app.command()
+@user_errors
+def up(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="cluster.toml: namespace, broker, servers"),
+    servers: int = typer.Option(1, "--servers", help="model servers to start when no --config is given"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
+    broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
+):
+    """Start the cluster's actor processes (and a private broker if none answers); keep them running until Ctrl-C."""
+    cfg = ClusterConfig.load(config) if config else ClusterConfig.default(servers)
+    if servers < 1 and config is None:
+        raise UserError("--servers must be at least 1")
+    settings = cluster_settings(namespace, broker_url)
+    if namespace:
+        cfg.namespace = namespace
+    if broker_url:
+        cfg.broker_url = broker_url
+
+    async def run() -> None:
+        sup = Supervisor(cfg, settings=settings, say=lambda m: console.print(m, highlight=False))
+        try:
+            await sup.start()
+        except BrokerError as exc:
+            await sup.stop()
+            raise UserError(str(exc)) from None
+        except BaseException:
+            await sup.stop()
+            raise
+        console.print("press Ctrl-C to stop", style="dim")
+        await sup.run_until_stopped()
+
+    asyncio.run(run())
+
+
+@app.command()
+@user_errors
+def status(
+    namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
+    broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
+    as_json: bool = typer.Option(False, "--json", help="everything below as one JSON object"),
+):
+    """Servers (alive, site, parts hosted, load), deployments with their parts and replicas, queue depths."""
+    settings = cluster_settings(namespace, broker_url)
+
+    async def run():
+        async with Client(settings) as c:
+            names = c.names
+            actors = await c.actors(include_dead=True)
+            deployments = await c.deployments()
+            queues = [names.jobs, names.dead]
+            hosted: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+            for a in actors:
+                for p in a.parts:
+                    hosted.setdefault((p.deployment, p.part), []).append((a.actor_id, p.replica, p.replicas))
+            for (dep, part), reps in sorted(hosted.items()):
+                n = max(r[2] for r in reps)
+                queues += [names.replica_queue(dep, part, k) for k in range(n)]
+            depths = await c.queue_depths(queues)
+            return actors, deployments, hosted, depths
+
+    actors, deployments, hosted, depths = client_errors(run())
+    ns = settings.namespace
+    if as_json:
+        print(json.dumps({
+            "namespace": ns,
+            "actors": [a.model_dump() for a in actors],
+            "deployments": {d: {part: [{"server": s, "replica": k, "replicas": n} for s, k, n in reps]
+                                for (dep, part), reps in sorted(hosted.items()) if dep == d}
+                            for d in deployments},
+            "queues": depths,
+        }))
+        return
+    table = Table(title=f"actors in namespace {ns}")
+    for col in ("actor", "kind", "site", "alive", "parts", "load", "cpu %", "processed", "errors"):
+        table.add_column(col, justify="right" if col in ("load", "cpu %", "processed", "errors") else "left",
+                         no_wrap=col in ("actor", "kind"))
+    for a in actors:
+        parts = ", ".join(f"{p.part}@r{p.replica}/{p.replicas}" for p in a.parts)
+        st = a.state
+        table.add_row(a.actor_id, a.kind, a.site or "-", "[green]yes[/]" if a.alive else "[red]no[/]", parts or "-",
+                      "-" if st.load is None else f"{st.load:g}",
+                      "-" if st.cpu_percent is None else f"{st.cpu_percent:.0f}", str(st.processed), str(st.errors))
+    console.print(table)
+    dtable = Table(title="deployments")
+    for col in ("deployment", "part", "replicas: server"):
+        dtable.add_column(col, no_wrap=col == "deployment")
+    for d in deployments:
+        rows = sorted((part, reps) for (dep, part), reps in hosted.items() if dep == d)
+        if not rows:
+            dtable.add_row(d, "-", "[yellow]in the pool, not loaded[/]")
+        for part, reps in rows:
+            dtable.add_row(d, part, ", ".join(f"r{k}: {s}" for s, k, _ in sorted(reps, key=lambda r: r[1])))
+    console.print(dtable)
+    qtable = Table(title="queue depths (messages ready)")
+    qtable.add_column("queue", no_wrap=True)
+    qtable.add_column("ready", justify="right")
+    for q, n in depths.items():
+        qtable.add_row(q, "-" if n is None else str(n))
+    console.print(qtable)

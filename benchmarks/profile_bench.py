@@ -62,7 +62,7 @@ def in_process(model_spec: str, parts: int, cache_dir: str) -> dict:
     t4 = time.perf_counter()
     specs = split_at_cuts(graph, balanced_cuts(graph, flops, parts))
     # the profile's segments are timed again in the same rounds as the parts: their ratio to the profile is the
-    # load factor of this shared machine now, applied as a calibration scaled by it (see tests/test_profile.py)
+    # load factor of this shared machine now, applied as a calibration scaled by it (see tests/unit/test_profile.py)
     segments = split_at_cuts(graph, [s.ends_at for s in profile.segments if s.ends_at])
     times = measure_parts(graph, segments + specs)
     measured = times[len(segments):]

@@ -24,17 +24,7 @@ from typing import Any, Awaitable, Callable
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from splitinfer.actors.presence import Presence
-from splitinfer.actors.transport import (
-    Connection,
-    Deliveries,
-    Logger,
-    Names,
-    NoBroker,
-    Publisher,
-    RpcClient,
-    first_line,
-    header_str,
-)
+from splitinfer.actors.transport import Deliveries, Logger, Names, NoBroker, Session, first_line, header_str
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import ErrorResult, Message, MessageError, PartRef, ServerState, decode, encode
 from splitinfer.monitor.runtime import system_load
@@ -52,18 +42,15 @@ class Actor:
         self.settings = settings or get_settings()
         self.names = Names(self.settings.namespace)
         self.log = Logger(actor_id, self.kind)
-        self.connection = Connection(self.settings.broker_url, self.names, f"{self.kind}:{actor_id}@{self.names.ns}",
-                                     prefetch=self.settings.prefetch, queue_expires_s=self.settings.queue_expires_s)
-        self.publisher = Publisher(self.connection, self.log, self.spawn)
+        self.session = Session(self.settings, f"{self.kind}:{actor_id}", self.log)
+        self.connection, self.publisher, self.rpc = self.session.connection, self.session.publisher, self.session.rpc
+        self.spawn = self.session.spawn
         self.deliveries = Deliveries(self.log, self.spawn)
-        self.rpc = RpcClient(self.connection, self.publisher, max_bytes=self.settings.max_message_bytes,
-                             timeout_s=self.settings.rpc_timeout_s)
         self.presence = Presence(self)
         self.stats = {"processed": 0, "errors": 0}
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
         self._stopped = False
-        self._tasks: set[asyncio.Task] = set()
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-worker")
 
@@ -114,15 +101,9 @@ class Actor:
         self._consumers.clear()
         await self.on_stop()
         handed_back = await self.deliveries.drain(self.settings.drain_timeout_s)
-        self.rpc.stop()
         if self.connection.is_open:
             await self.presence.leave()
-        self.publisher.closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.connection.close()
+        await self.session.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped = True
         self.log("stopped", handed_back=handed_back, **self.stats)
@@ -133,17 +114,6 @@ class Actor:
     @property
     def stopping(self) -> bool:
         return self._stopping
-
-    def spawn(self, coro: Awaitable, name: str = "") -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("task_failed", error=first_line(task.exception()))
 
     async def run_in_worker(self, fn: Callable, *args: Any) -> Any:
         """Run blocking work (TensorFlow) in the actor's worker thread."""

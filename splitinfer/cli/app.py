@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 import typer.core
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from splitinfer.actors.supervisor.broker import BrokerError
 from splitinfer.actors.transport import NoBroker
@@ -42,6 +43,8 @@ err_console = Console(stderr=True)
 
 NS_HELP = "broker namespace (default: SPLITINFER_NAMESPACE or 'splitinfer')"
 BROKER_HELP = "broker URL (default: SPLITINFER_BROKER_URL)"
+MODEL_HELP = "a .keras file or keras.applications:NAME (built with weights=None)"
+SHAPE_HELP = "input shape without batch, e.g. 224x224x3 (keras.applications default 224x224x3)"
 
 # Typer's rich help prints a value type after every option, `<bool>` after a switch too: a switch takes no value.
 _option_type = typer.core.TyperOption.display_type_rich
@@ -104,6 +107,14 @@ def duration_option(text: Optional[str], flag: str) -> Optional[float]:
         return parse_duration(text)
     except PlanError as exc:
         raise UserError(f"{flag}: {exc}") from None
+
+
+def progress_bar(disable: bool) -> Progress:
+    """Long work shows a bar on stderr (stdout stays clean for --json)."""
+    return Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=disable,
+    )
 
 
 def _version(value: bool) -> None:

@@ -62,7 +62,7 @@ def deploy(
     name: Optional[str] = typer.Option(None, "--name", help="MODEL: the deployment's name (default <model>-<objective>)"),
     objective: str = typer.Option("latency", "--objective", help=f"MODEL: {OBJECTIVE_HELP}"),
     sla: Optional[str] = typer.Option(None, "--sla", help="MODEL: every plan must be predicted within it: 50ms, 0.05s"),
-    servers: Optional[str] = typer.Option(None, "--servers", help="MODEL: only these servers (comma-separated)"),
+    only: Optional[str] = typer.Option(None, "--only", help="MODEL: plan on these servers only (comma-separated ids)"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="MODEL: input shape, e.g. 224x224x3"),
     compression: bool = typer.Option(False, "--compression", help="MODEL: allow float16/int8 tensors at cuts"),
     max_plans: int = typer.Option(6, "--max-plans", help="MODEL: plans in the table (each one is loaded)"),
@@ -80,7 +80,7 @@ def deploy(
     if not (directory / MANIFEST_FILE).exists():
         if directory.is_dir():
             raise UserError(f"{directory} is not a split directory (no manifest.json); make one with `splitinfer split`")
-        _deploy_model(target, name=name, objective=objective, sla=sla, servers=servers, input_shape=input_shape,
+        _deploy_model(target, name=name, objective=objective, sla=sla, only=only, input_shape=input_shape,
                       compression=compression, max_plans=max_plans, client_site=client_site, timeout=timeout,
                       settings=settings, as_json=as_json)
         return
@@ -108,7 +108,7 @@ def deploy(
     console.print(f"inputs: {', '.join(dep.inputs)}   outputs: {', '.join(dep.outputs)}", highlight=False)
 
 
-def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Optional[str], servers: Optional[str],
+def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Optional[str], only: Optional[str],
                   input_shape: Optional[str], compression: bool, max_plans: int, client_site: Optional[str],
                   timeout: float, settings: Settings, as_json: bool) -> None:
     """`splitinfer deploy MODEL ...`: the optimizer plans, splits and deploys; print its plan table."""
@@ -123,7 +123,7 @@ def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Opti
         if path.suffix != ".keras" or not path.is_file():
             raise UserError(f"{target} is not a split directory (no manifest.json) nor a .keras file")
     shape = list(parse_shape(input_shape)) if input_shape else None
-    wanted = [s.strip() for s in (servers or "").split(",") if s.strip()]
+    wanted = [s.strip() for s in (only or "").split(",") if s.strip()]
 
     async def run():
         async with Client(settings) as c:

@@ -164,7 +164,7 @@ def _results_table(rows, title: str) -> Table:
 def results(
     job: Optional[str] = typer.Option(None, "--job", help="only this job id"),
     kind: Optional[str] = typer.Option(None, "--kind", help="result or error"),
-    deployment: Optional[str] = typer.Option(None, "--deployment", "-d"),
+    deployment: Optional[str] = typer.Option(None, "--deployment", "-d", help="only this deployment's rows"),
     limit: int = typer.Option(20, "--limit", help="newest N rows (0: all)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new rows until Ctrl-C"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),

@@ -14,20 +14,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from splitinfer.cli.app import UserError, app, console, duration_option, user_errors
-from splitinfer.cli.profile_cmds import MODEL_HELP, SHAPE_HELP, _progress, _set_threads
+from splitinfer.cli.app import MODEL_HELP, SHAPE_HELP, UserError, app, console, duration_option, progress_bar, user_errors
+from splitinfer.cli.profile_cmds import measure_threads
 from splitinfer.config import ClusterConfig, get_settings
-from splitinfer.messages import OBJECTIVES, split_pair
-from splitinfer.planner import (
-    BrokerOverhead,
-    LinkFigures,
-    PowerProfile,
-    ServerDesc,
-    build_cluster,
-    combine_links,
-    cost_graph_from_profile,
-    plan_deployment,
-)
+from splitinfer.messages import OBJECTIVES
+from splitinfer.planner import BrokerOverhead, cluster_from_config, cost_graph_from_profile, plan_deployment
 
 OBJECTIVE_HELP = "latency (fastest plan first), energy (least device energy within the SLA), throughput (pipelined)"
 SLA_HELP = "every plan must be predicted within this latency: 50ms, 0.05s or 50 (ms)"
@@ -59,31 +50,6 @@ def check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     return objective
-
-
-def cluster_from_config(cfg: ClusterConfig, client_site: Optional[str] = None):
-    """A cluster.toml (config.ClusterConfig) as the planner's Cluster, in this machine's reference seconds: a
-    server's speed is 1 / its slowdown; links as configured (symmetric); the client at front_end_site."""
-    settings = get_settings()
-    servers = [ServerDesc(pid, spec.site, speed=1.0 / spec.slowdown,
-                          memory=int(spec.memory_mb * 1e6) if spec.memory_mb else None,
-                          power=PowerProfile(**spec.power.model_dump()) if spec.power
-                          else (PowerProfile(**settings.power.model_dump())
-                                if (spec.battery if spec.battery is not None else spec.site == "device") else None))
-               for spec in cfg.servers for pid in spec.process_ids()]
-    if not servers:
-        raise UserError("the cluster description has no [[servers]]")
-    site = client_site if client_site is not None else (cfg.front_end_site or servers[0].site)
-    broker = BrokerOverhead(per_message=settings.broker_per_message_ms / 1e3,
-                            per_byte=settings.broker_per_mb_ms / 1e3 / 1e6)
-
-    def figures(spec) -> LinkFigures:
-        return LinkFigures(spec.rtt_ms / 1e3, None if spec.bandwidth_mbps is None else spec.bandwidth_mbps * 1e6 / 8)
-
-    configured = {split_pair(k): figures(v) for k, v in cfg.links.items()}
-    default = figures(cfg.default_link) if cfg.default_link is not None else None
-    links = combine_links([], configured, default, {s.site for s in servers} | {site}, broker)
-    return build_cluster(servers, site, links=links, broker=broker)
 
 
 def plan_table_rows(table: dict) -> Table:
@@ -130,13 +96,16 @@ def plan(
         raise UserError("--max-plans must be at least 1")
     cfg = ClusterConfig.load(config) if config is not None else ClusterConfig.model_validate(
         tomllib.loads(EXAMPLE_CLUSTER))
-    planner_cluster = cluster_from_config(cfg, client_site)
-    _set_threads(None)
+    settings = get_settings()
+    planner_cluster = cluster_from_config(
+        cfg, client_site, broker=BrokerOverhead.from_ms(settings.broker_per_message_ms, settings.broker_per_mb_ms),
+        default_power=settings.power)
+    measure_threads(None)
     from splitinfer.monitor import measure_compression, profile_model  # lazy: load TensorFlow
     from splitinfer.splitter import ModelGraph, load_source_model, parse_shape
 
     graph = ModelGraph(load_source_model(model, parse_shape(input_shape)))
-    with _progress(as_json) as progress:
+    with progress_bar(as_json) as progress:
         task = progress.add_task("profiling (cached)", total=None)
 
         def report(what: str, done: int, total: int) -> None:

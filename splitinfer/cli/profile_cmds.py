@@ -7,22 +7,23 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from splitinfer.cli.app import UserError, app, console, err_console, user_errors
+from splitinfer.cli.app import MODEL_HELP, SHAPE_HELP, UserError, app, console, progress_bar, user_errors
+from splitinfer.config import get_settings
+from splitinfer.monitor.cache import calibration_path
+from splitinfer.monitor.calibration import calibrate as measure
+from splitinfer.monitor.machine import apply_threads
+from splitinfer.monitor.plot import plot_profile
+from splitinfer.monitor.profile import profile_model
 
-MODEL_HELP = "a .keras file or keras.applications:NAME (built with weights=None)"
-SHAPE_HELP = "input shape without batch, e.g. 224x224x3 (keras.applications default 224x224x3)"
 THREADS_HELP = "TF intra-op threads to measure with (default settings.intra_op_threads, as servers run)"
 
 
-def _set_threads(threads: Optional[int]) -> None:
+def measure_threads(threads: Optional[int]) -> None:
     """Measure with the thread pools servers use. If TF's runtime already started in this process (only when the
     CLI is called in-process, e.g. from tests) its pools stay as they are; the profile records what was used."""
-    from splitinfer import _tf  # noqa: F401
-    from splitinfer.monitor.machine import apply_threads
-    from splitinfer.config import get_settings
+    from splitinfer import _tf  # noqa: F401  (lazy: TensorFlow, whose thread pools are set here)
 
     settings = get_settings()
     intra = settings.intra_op_threads if threads is None else threads
@@ -32,13 +33,6 @@ def _set_threads(threads: Optional[int]) -> None:
         apply_threads(intra, settings.inter_op_threads)
     except RuntimeError:
         pass
-
-
-def _progress(disable: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=disable,
-    )
 
 
 @app.command()
@@ -63,13 +57,12 @@ def profile(
         raise UserError("--segments must be at least 1")
     if rounds < 3:
         raise UserError("--rounds must be at least 3")
-    _set_threads(threads)
-    from splitinfer.monitor import profile_model
-    from splitinfer.splitter import ModelGraph, load_source_model, parse_shape
+    measure_threads(threads)
+    from splitinfer.splitter import ModelGraph, load_source_model, parse_shape  # lazy: loads TensorFlow
 
     with console.status(f"loading {model}") if not as_json else nullcontext():
         graph = ModelGraph(load_source_model(model, parse_shape(input_shape), seed=seed))
-    with _progress(as_json) as progress:
+    with progress_bar(as_json) as progress:
         task = progress.add_task("profiling", total=None)
 
         def report(what: str, done: int, total: int) -> None:
@@ -83,8 +76,6 @@ def profile(
         except OSError as exc:
             raise UserError(f"cannot write the profile to {out}: {exc.strerror or exc}") from None
     if plot is not None:
-        from splitinfer.monitor.plot import plot_profile
-
         try:
             plot_profile(result, plot)
         except OSError as exc:
@@ -141,11 +132,9 @@ def calibrate(
     """Measure this machine: sustained conv and dense GFLOP/s, memory bandwidth, compiled-call overhead."""
     if rounds < 3:
         raise UserError("--rounds must be at least 3")
-    _set_threads(threads)
-    from splitinfer.monitor.cache import calibration_path
-    from splitinfer.monitor.calibration import calibrate as measure
+    measure_threads(threads)
 
-    with _progress(as_json) as progress:
+    with progress_bar(as_json) as progress:
         task = progress.add_task("calibrating", total=rounds)
         cal = measure(rounds=rounds, progress=lambda what, done, total: progress.update(task, completed=done))
     cached = cal.save(calibration_path(cal.machine.fingerprint))

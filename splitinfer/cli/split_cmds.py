@@ -6,18 +6,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from splitinfer.cli.app import UserError, app, console, user_errors
+from splitinfer.cli.app import MODEL_HELP, SHAPE_HELP, UserError, app, console, progress_bar, user_errors
+from splitinfer.config import get_settings
+from splitinfer.monitor.plot import plot_cut_points
+from splitinfer.splitter.partition import balanced_cuts, cut_point_rows, split_at_cuts, split_by_groups
 
-MODEL_HELP = "a .keras file or keras.applications:NAME (built with weights=None)"
-SHAPE_HELP = "input shape without batch, e.g. 224x224x3 (keras.applications default 224x224x3)"
 
 
 def _load_graph(model: str, input_shape: Optional[str], seed: int = 0):
-    from splitinfer.splitter import ModelGraph, load_source_model, parse_shape
+    from splitinfer.splitter import ModelGraph, load_source_model, parse_shape  # lazy: loads TensorFlow
 
     with console.status(f"loading {model}"):
         return ModelGraph(load_source_model(model, parse_shape(input_shape), seed=seed))
@@ -49,7 +50,8 @@ def _parse_partition(path: Path) -> dict[str, str]:
 def split(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
-    parts: Optional[int] = typer.Option(None, "--parts", "-n", help="number of parts, balanced by FLOPs (within 5%, then the fewest bytes at the cuts)"),
+    parts: Optional[int] = typer.Option(None, "--parts", help="number of parts, balanced by FLOPs (within 5%, then "
+                                                               "the fewest bytes at the cuts)"),
     cuts: Optional[str] = typer.Option(
         None, "--cuts", help="cut tensors, comma separated; join tensors that must be cut together with +"
     ),
@@ -59,7 +61,7 @@ def split(
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ):
     """Split MODEL into parts that compose back exactly, and write them with a manifest."""
-    from splitinfer.splitter import balanced_cuts, save_split, split_at_cuts, split_by_groups
+    from splitinfer.splitter import save_split  # lazy: loads TensorFlow
 
     chosen = [x is not None for x in (parts, cuts, partition)]
     if sum(chosen) != 1:
@@ -72,7 +74,7 @@ def split(
     groups = _parse_partition(partition) if partition is not None else None
     graph = _load_graph(model, input_shape, seed)
     if parts is not None:
-        from splitinfer.monitor import node_flops
+        from splitinfer.monitor import node_flops  # lazy: loads TensorFlow
 
         with console.status("counting FLOPs per operation"):
             costs = node_flops(graph)
@@ -81,11 +83,8 @@ def split(
         specs = split_at_cuts(graph, cut_list)
     else:
         specs = split_by_groups(graph, groups)
-    with Progress(
-        TextColumn("saving parts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-        transient=True, disable=as_json,
-    ) as progress:
-        task = progress.add_task("save", total=len(specs))
+    with progress_bar(as_json) as progress:
+        task = progress.add_task("saving parts", total=len(specs))
         try:
             manifest = save_split(graph, specs, out, origin=model, progress=lambda _: progress.advance(task))
         except OSError as exc:
@@ -103,8 +102,6 @@ def split(
 
 
 def _part_rows(manifest) -> list[dict]:
-    import numpy as np
-
     def nbytes(t) -> int:
         return int(np.prod([d or 1 for d in t.shape])) * np.dtype(t.dtype).itemsize
 
@@ -124,14 +121,14 @@ def _part_rows(manifest) -> list[dict]:
 @user_errors
 def verify(
     directory: Path = typer.Argument(..., help="a split directory with manifest.json"),
-    samples: int = typer.Option(2, "--samples", "-k", help="random inputs to compare on"),
-    seed: int = typer.Option(0),
-    tolerance: Optional[float] = typer.Option(None, help="max abs error allowed (default from settings, 1e-4)"),
-    as_json: bool = typer.Option(False, "--json"),
+    samples: int = typer.Option(2, "--samples", help="random inputs to compare on"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random inputs"),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance",
+                                              help="max abs error allowed (default SPLITINFER_VERIFY_TOLERANCE, 1e-4)"),
+    as_json: bool = typer.Option(False, "--json", help="the report as JSON"),
 ):
     """Run the saved parts composed as the manifest says and compare with the full model."""
-    from splitinfer.config import get_settings
-    from splitinfer.splitter import verify_split
+    from splitinfer.splitter import verify_split  # lazy: loads TensorFlow
 
     if samples < 1:
         raise UserError("--samples must be at least 1")
@@ -158,8 +155,8 @@ def verify(
 def cuts(
     model: str = typer.Argument(..., help=MODEL_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),
-    batch: int = typer.Option(1, help="batch size the live bytes are given for"),
-    as_json: bool = typer.Option(False, "--json"),
+    batch: int = typer.Option(1, "--batch", "-b", help="batch size the live bytes are given for"),
+    as_json: bool = typer.Option(False, "--json", help="the cut points as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the cut points along the model (PNG)"),
 ):
     """List the valid single-tensor cut points with the bytes live at each."""
@@ -183,41 +180,3 @@ def cuts(
     console.print(table)
     if plot is not None:
         console.print(f"plot written to {plot}")
-
-
-def cut_point_rows(graph, batch: int = 1) -> list[dict]:
-    rows = []
-    for t in graph.cut_points():
-        info = graph.tensors[t]
-        rows.append(
-            {
-                "tensor": t,
-                "position": graph.index[info.producer],
-                "shape": [batch if d is None else d for d in info.shape],
-                "dtype": info.dtype,
-                "bytes": info.nbytes(batch),
-            }
-        )
-    return rows
-
-
-def plot_cut_points(graph, rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [max(graph.tensors[t].nbytes() for t in node.outputs) if node.outputs else 0
-             for node in graph.nodes.values()]
-    fig, ax = plt.subplots(figsize=(12, 4))
-    ax.plot(range(len(sizes)), [s / 1024 for s in sizes], color="0.7", lw=1, label="output size of each operation")
-    ax.scatter([r["position"] for r in rows], [r["bytes"] / 1024 for r in rows], color="tab:red", s=18, zorder=3,
-               label="valid cut point (live bytes)")
-    ax.set_yscale("log")
-    ax.set_xlabel("operation (topological order)")
-    ax.set_ylabel("KiB (batch 1)")
-    ax.set_title(f"{graph.model.name}: {len(rows)} single-tensor cut points")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

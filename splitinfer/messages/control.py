@@ -17,24 +17,24 @@ Objective = Literal["latency", "energy", "throughput"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
-class Register(Message):
-    TYPE: ClassVar[str] = "register"
+class Announcement(Message):
+    """What an actor says of itself in a Register and in every Heartbeat: who, where, what it hosts."""
+
     actor_id: Id
     kind: str = "model_server"
     site: str = ""
     capacity: float = 1.0
     parts: list[PartRef] = Field(default_factory=list)
+
+
+class Register(Announcement):
+    TYPE: ClassVar[str] = "register"
     host: str = ""
     pid: int = 0
 
 
-class Heartbeat(Message):
+class Heartbeat(Announcement):
     TYPE: ClassVar[str] = "heartbeat"
-    actor_id: Id
-    kind: str = "model_server"
-    site: str = ""
-    capacity: float = 1.0
-    parts: list[PartRef] = Field(default_factory=list)
     state: ServerState = Field(default_factory=ServerState)
     interval_s: float = 2.0
     sent_at: float = Field(default_factory=time.time)
@@ -97,7 +97,8 @@ class UndeployModel(Message):
 
 
 def plan_deployment_name(model: str, plan_id: str) -> str:
-    """Plan `plan_id` of model deployment `model` is served as a deployment of its own: `<model>:<plan>`."""
+    """Plan `plan_id` of model deployment `model` is served as a deployment of its own: `<model>:<plan>` (':' is
+    not allowed in a model deployment's name, so this never collides with one)."""
     return f"{model}:{plan_id}"
 
 

@@ -6,7 +6,7 @@ The names below load on first use (PEP 562): the profiling modules import Tensor
 needs `splitinfer.monitor.links` (the front end) should not pay for it.
 """
 
-from importlib import import_module
+from splitinfer._lazy import lazy_exports
 
 _LAZY = {
     "Calibration": "calibration", "calibrate": "calibration", "load_or_calibrate": "calibration",
@@ -20,14 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splitinfer.monitor' has no attribute {name!r}")
-    value = getattr(import_module(f"splitinfer.monitor.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "Calibration", "CompressionProfile", "CostFit", "CutProfile", "MachineInfo", "ModelProfile", "OpProfile",

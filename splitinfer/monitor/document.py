@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from splitinfer.monitor.cache import write_atomic
 
@@ -54,3 +54,12 @@ class VersionedDocument(BaseModel):
         if write:
             document.save(path)
         return document
+
+
+class ModelDocument(VersionedDocument):
+    """A document about one model at one input shape and batch (a profile, a compression profile)."""
+
+    model: str
+    model_hash: str
+    input_shapes: list[list[int]] = Field(description="per model input, without the batch dimension")
+    batch: int

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitinfer.messages import CODECS, MessageError, compress_array, decompress_array
-from splitinfer.monitor.document import VersionedDocument
+from splitinfer.monitor.document import ModelDocument
 from splitinfer.monitor.profile import profile_path
 from splitinfer.splitter.errors import SplitError
 from splitinfer.splitter.manifest import TensorSpec
@@ -58,17 +58,13 @@ class CompressionEntry(BaseModel):
         "all-zero tensor); 1 when float16 flushes tiny activations to zero, which the final outputs may not show")
 
 
-class CompressionProfile(VersionedDocument):
+class CompressionProfile(ModelDocument):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
     FORMAT: ClassVar[str] = COMPRESSION_FORMAT
     VERSION: ClassVar[int] = COMPRESSION_VERSION
 
     format: str = COMPRESSION_FORMAT
     version: int = COMPRESSION_VERSION
-    model: str
-    model_hash: str
-    input_shapes: list[list[int]] = Field(description="per model input, without the batch dimension")
-    batch: int
     samples: int
     seed: int
     codecs: list[str]

@@ -1,4 +1,5 @@
-"""The classic split-computing figure: per-layer latency and output size along the model, valid cut points marked."""
+"""Figures of a model along its operations: the classic split-computing profile (per-layer latency and output size,
+valid cut points marked) and the cut points with the bytes live at each."""
 
 from __future__ import annotations
 
@@ -43,3 +44,26 @@ def plot_profile(profile, path: Path, title: str | None = None) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_cut_points(graph, rows: list[dict], path: Path) -> None:
+    """The output size of every operation along the model, the valid cut points marked (rows: cut_point_rows)."""
+    import matplotlib  # lazy: ~0.3 s to import, for this one figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
+
+    sizes = [max(graph.tensors[t].nbytes() for t in node.outputs) if node.outputs else 0
+             for node in graph.nodes.values()]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.plot(range(len(sizes)), [s / 1024 for s in sizes], color="0.7", lw=1, label="output size of each operation")
+    ax.scatter([r["position"] for r in rows], [r["bytes"] / 1024 for r in rows], color="tab:red", s=18, zorder=3,
+               label="valid cut point (live bytes)")
+    ax.set_yscale("log")
+    ax.set_xlabel("operation (topological order)")
+    ax.set_ylabel("KiB (batch 1)")
+    ax.set_title(f"{graph.model.name}: {len(rows)} single-tensor cut points")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

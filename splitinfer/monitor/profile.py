@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from splitinfer.monitor.cache import cache_root
-from splitinfer.monitor.document import VersionedDocument
+from splitinfer.monitor.document import ModelDocument
 from splitinfer.monitor.machine import MachineInfo, machine_info
 from splitinfer.monitor.timing import Call, default_clock, interleaved_both, interleaved_ms, iqr, median, trivial_call
 from splitinfer.splitter.errors import SplitError
@@ -146,15 +146,11 @@ class Totals(BaseModel):
     segments: int
 
 
-class ModelProfile(VersionedDocument):
+class ModelProfile(ModelDocument):
     FORMAT: ClassVar[str] = PROFILE_FORMAT
     VERSION: ClassVar[int] = PROFILE_VERSION
     format: str = PROFILE_FORMAT
     version: int = PROFILE_VERSION
-    model: str
-    model_hash: str
-    input_shapes: list[list[int]] = Field(description="per model input, without the batch dimension")
-    batch: int
     machine: MachineInfo
     created: str
     clock: Literal["wall", "cpu"] = Field(

@@ -189,6 +189,11 @@ class BrokerOverhead(BaseModel):
     per_message: float = Field(default=0.7e-3, ge=0)  # seconds
     per_byte: float = Field(default=2.5e-3 / 1e6, ge=0)  # seconds per byte (2.5 ms per MB)
 
+    @classmethod
+    def from_ms(cls, per_message_ms: float, per_mb_ms: float) -> BrokerOverhead:
+        """From the settings' units: milliseconds per message and per MB."""
+        return cls(per_message=per_message_ms / 1e3, per_byte=per_mb_ms / 1e3 / 1e6)
+
 
 class Cluster(BaseModel):
     servers: list[Server]

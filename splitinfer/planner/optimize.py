@@ -20,6 +20,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from splitinfer.config import ClusterConfig
+from splitinfer.messages import LinkSpec, LinkState, PowerSpec, plan_deployment_name, split_pair
 from splitinfer.planner.chain import Compression
 from splitinfer.planner.costmodel import CostModel, evaluate
 from splitinfer.planner.milp import plan_dag
@@ -102,6 +104,42 @@ def combine_links(measured: Iterable[tuple[str, str, LinkFigures]], configured: 
         if pair[0] == pair[1]:
             links.append(Link(a=pair[0], b=pair[1], rtt=fig.rtt, bandwidth=fig.bandwidth or UNMEASURED_BANDWIDTH))
     return links
+
+
+def link_figures(link: LinkSpec | LinkState) -> LinkFigures:
+    """A configured (LinkSpec) or measured (LinkState) link in the planner's units: seconds and bytes/s."""
+    return LinkFigures(link.rtt_ms / 1e3, None if link.bandwidth_mbps is None else link.bandwidth_mbps * 1e6 / 8)
+
+
+def cluster_from(servers: Sequence[ServerDesc], client_site: str, *, broker: BrokerOverhead,
+                 configured: Mapping[str, LinkSpec] | None = None, default: LinkSpec | None = None,
+                 measured: Iterable[LinkState] = ()) -> Cluster:
+    """The one way a Cluster is made: from live state (the optimizer: measured links, and the emulated ones when
+    emulation is on) or from a cluster file (`splitinfer plan`: its links), so that both plan identically."""
+    conf = {split_pair(key): link_figures(spec) for key, spec in (configured or {}).items()}
+    meas = [(x.src_site, x.dst_site, link_figures(x)) for x in measured]
+    sites = {s.site for s in servers} | {client_site}
+    links = combine_links(meas, conf, link_figures(default) if default is not None else None, sites, broker)
+    return build_cluster(servers, client_site, links=links, broker=broker)
+
+
+def cluster_from_config(cfg: ClusterConfig, client_site: str | None, *, broker: BrokerOverhead,
+                        default_power: PowerSpec) -> Cluster:
+    """A cluster file as the planner's Cluster, in the reference machine's seconds: a server's speed is
+    1 / its slowdown; a battery device (site "device" unless `battery` says otherwise) has its power figures or
+    the default ones; the client at `client_site`, else the file's front_end_site, else the first server's site."""
+    servers = []
+    for spec in cfg.servers:
+        battery = spec.battery if spec.battery is not None else spec.site == "device"
+        power = spec.power or (default_power if battery else None)
+        for pid in spec.process_ids():
+            servers.append(ServerDesc(pid, spec.site, speed=1.0 / spec.slowdown,
+                                      memory=int(spec.memory_mb * 1e6) if spec.memory_mb else None,
+                                      power=PowerProfile(**power.model_dump()) if power else None))
+    if not servers:
+        raise PlanError("the cluster description has no [[servers]]")
+    site = client_site if client_site is not None else (cfg.front_end_site or servers[0].site)
+    return cluster_from(servers, site, broker=broker, configured=cfg.links, default=cfg.default_link)
 
 
 def build_cluster(servers: Sequence[ServerDesc], client_site: str, *, links: Sequence[Link] = (),
@@ -203,12 +241,6 @@ def repredict(table: PlanTable, graph: CostGraph, cluster: Cluster) -> list[str]
     return updated
 
 
-PLAN_SEPARATOR = ":"  # not allowed in a model deployment's name, so `<name>:<plan>` never collides with one
-
-
-def plan_deployment_name(name: str, plan_id: str) -> str:
-    """The deployment (pool entry, routing-key prefix) of one plan of a model deployment."""
-    return f"{name}{PLAN_SEPARATOR}{plan_id}"
 
 
 def parse_duration(text: str | float | None) -> float | None:

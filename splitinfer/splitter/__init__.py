@@ -5,7 +5,7 @@ manifest, hashes a part file or parses a shape (`splitinfer.splitter.manifest`: 
 checks, the client) should not pay for it.
 """
 
-from importlib import import_module
+from splitinfer._lazy import lazy_exports
 
 _LAZY = {
     "CompiledPart": "build", "build_part": "build", "load_part_model": "build", "load_source_model": "build",
@@ -19,14 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'splitinfer.splitter' has no attribute {name!r}")
-    value = getattr(import_module(f"splitinfer.splitter.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "CompiledPart", "GraphNode", "Manifest", "ModelGraph", "PartEntry", "PartOutput", "PartSpec",

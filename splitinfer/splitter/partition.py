@@ -178,3 +178,21 @@ def balanced_cuts(graph: ModelGraph, costs: Mapping[str, float], n_parts: int, s
     peak = max(cum[b] - cum[a] for a, b in zip(bounds, bounds[1:]))
     frugal = solve(lambda peak, nbytes: (nbytes, peak), peak * (1.0 + max(0.0, slack)) + 1e-9 * abs(peak)) or balanced
     return sorted((points[j - 1] for j in frugal), key=lambda t: graph.index[graph.tensors[t].producer])
+
+
+def cut_point_rows(graph: ModelGraph, batch: int = 1) -> list[dict]:
+    """Every single-tensor cut point: its tensor, the position of its producer, shape and dtype, the bytes live
+    there at `batch` (what `splitinfer cuts` lists and plots)."""
+    rows = []
+    for t in graph.cut_points():
+        info = graph.tensors[t]
+        rows.append(
+            {
+                "tensor": t,
+                "position": graph.index[info.producer],
+                "shape": [batch if d is None else d for d in info.shape],
+                "dtype": info.dtype,
+                "bytes": info.nbytes(batch),
+            }
+        )
+    return rows

@@ -51,20 +51,18 @@ from splitinfer.messages import (
     Reply,
     UndeployModel,
     plan_deployment_name,
-    split_pair,
 )
 from splitinfer.monitor import measure_compression, profile_model
 from splitinfer.monitor.runtime import cached_speed_gflops
 from splitinfer.planner import (
     BrokerOverhead,
+    Cluster,
     CostGraph,
-    LinkFigures,
     PlanError,
     PlanTable,
     PowerProfile,
     ServerDesc,
-    build_cluster,
-    combine_links,
+    cluster_from,
     cost_graph_from_profile,
     plan_deployment,
     repredict,
@@ -265,7 +263,9 @@ class Optimizer(Actor):
             self.log.warning("no_state_pool", error=first_line(exc))
         return live, (front[0] if front else ""), state
 
-    def make_cluster(self, servers: list[ActorInfo], client_site: str, state: ClusterState | None):
+    def make_cluster(self, servers: list[ActorInfo], client_site: str, state: ClusterState | None) -> Cluster:
+        """The planner's view of live servers: each one's speed over this (the profiling) machine's, slowdown,
+        load, memory limit and power figures from its latest monitor state."""
         fresh = {a.actor_id: a.state for a in (state.servers() if state else [])}
         descs = []
         for a in servers:
@@ -278,22 +278,13 @@ class Optimizer(Actor):
             memory = int(st.memory_limit_mb * 1e6) if st.memory_limit_mb else None
             power = PowerProfile(**st.power.model_dump()) if st.power else None
             descs.append(ServerDesc(a.actor_id, a.site, speed=speed, load=load, memory=memory, power=power))
-        broker = BrokerOverhead(per_message=self.settings.broker_per_message_ms / 1e3,
-                                per_byte=self.settings.broker_per_mb_ms / 1e3 / 1e6)
-        measured = [(x.src_site, x.dst_site, LinkFigures(x.rtt_ms / 1e3, None if x.bandwidth_mbps is None
-                                                         else x.bandwidth_mbps * 1e6 / 8))
-                    for x in (state.links if state else [])]
-        configured = {}
-        if self.settings.emulate_links:  # the emulated links are the network; without emulation nothing is slow
-            for key, spec in self.settings.links.items():
-                configured[split_pair(key)] = LinkFigures(spec.rtt_ms / 1e3, None if spec.bandwidth_mbps is None
-                                                          else spec.bandwidth_mbps * 1e6 / 8)
-        d = self.settings.default_link
-        default = LinkFigures(d.rtt_ms / 1e3, None if d.bandwidth_mbps is None else d.bandwidth_mbps * 1e6 / 8) \
-            if self.settings.emulate_links else None
-        sites = {s.site for s in descs} | {client_site}
-        links = combine_links(measured, configured, default, sites, broker)
-        return build_cluster(descs, client_site, links=links, broker=broker)
+        emulated = self.settings.emulate_links  # the emulated links are the network; else nothing is slow
+        return cluster_from(descs, client_site,
+                            broker=BrokerOverhead.from_ms(self.settings.broker_per_message_ms,
+                                                          self.settings.broker_per_mb_ms),
+                            configured=self.settings.links if emulated else None,
+                            default=self.settings.default_link if emulated else None,
+                            measured=state.links if state else ())
 
     async def load_model(self, req: DeployModel) -> ModelGraph:
         origin = req.model

@@ -1,6 +1,6 @@
-"""A session with the broker for code that is not an actor process (the SDK's Client, the supervisor): a
-connection, a publisher and an RPC client, and the tasks they start, closed together. No presence, no consumers of
-its own beyond what its owner declares."""
+"""A session with the broker: a connection, a publisher and an RPC client, and the tasks they start, closed
+together. The SDK's Client and the supervisor use one as it is; every actor is built on one (adding deliveries,
+consumers, presence and a worker thread)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 from typing import Awaitable
 
 from splitinfer.actors.transport.connection import Connection
-from splitinfer.actors.transport.log import Logger
+from splitinfer.actors.transport.log import Logger, first_line
 from splitinfer.actors.transport.publisher import Publisher
 from splitinfer.actors.transport.rpc import RpcClient
 from splitinfer.actors.transport.topology import Names
@@ -18,6 +18,7 @@ from splitinfer.config import Settings
 
 class Session:
     def __init__(self, settings: Settings, name: str, log: Logger | None = None):
+        """`name` shows in the broker's connection list (as `<name>@<namespace>`); without a `log`, silent."""
         self.settings = settings
         self.names = Names(settings.namespace)
         self.log = log or Logger.silent(name, "session")
@@ -28,11 +29,17 @@ class Session:
                              timeout_s=settings.rpc_timeout_s)
         self._tasks: set[asyncio.Task] = set()
 
-    def spawn(self, coro: Awaitable) -> asyncio.Task:
+    def spawn(self, coro: Awaitable, name: str = "") -> asyncio.Task:
+        """A background task, cancelled at close; one that fails is logged (nobody awaits it)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task_failed", error=first_line(task.exception()))
 
     async def open(self, fail_fast: bool = True) -> None:
         """Connect; `fail_fast` (a user waiting on a command): one quick probe, then NoBroker in one line."""

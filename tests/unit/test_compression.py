@@ -162,7 +162,7 @@ def test_manifest_part_output_codec_is_optional():
 @pytest.fixture(scope="module")
 def nested_graph():
     from splitinfer.splitter import ModelGraph
-    from tests.splitter_models import nested_backbone
+    from tests.support.splitter_models import nested_backbone
 
     return ModelGraph(nested_backbone())
 

@@ -34,22 +34,18 @@ aio_pika = pytest.importorskip("aio_pika")
 from splitinfer.client import Client  # noqa: E402
 from splitinfer.monitor.links import MBIT  # noqa: E402
 from splitinfer.config import Settings  # noqa: E402
+from tests.support import REPO  # noqa: E402
+from tests.support.actors import log_events  # noqa: E402
+from tests.support.broker import requires_broker  # noqa: E402
+from tests.support.waiting import eventually  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-BROKER = Settings().broker_url
 RTT = 0.040
 CUT_BYTES = 32 * 32 * 16 * 4
 SLOWDOWN = 4.0
 
 
-def _broker_up() -> bool:
-    from splitinfer.actors.supervisor import broker_answers
-
-    return broker_answers(BROKER, timeout=3)
-
-
-pytestmark = pytest.mark.skipif(not _broker_up(), reason=f"no RabbitMQ at {BROKER}")
+pytestmark = requires_broker
 
 
 def _model():
@@ -143,15 +139,31 @@ def _hop(result, part: str):
     return next(h for h in result.hops if h.part == part)
 
 
+LINK_FOLLOWERS = ("front_end", "dev", "edge")  # the actors that receive tensors, so apply the emulated links
+
+
+def _links_set(root: Path) -> dict[str, int]:
+    """How many SetLinks orders each link follower has applied so far (it logs `links_set` for each)."""
+    return {name: sum(e.get("event") == "links_set" for e in log_events(root / f"{name}.log"))
+            for name in LINK_FOLLOWERS}
+
+
+async def _links_applied(root: Path, before: dict[str, int]) -> None:
+    """Wait until every link follower applied the SetLinks order sent after `before` was counted."""
+    await eventually(lambda: all(n > before[a] for a, n in _links_set(root).items()), timeout=30,
+                     message=lambda: f"every link follower logs links_set: {before} -> {_links_set(root)}")
+
+
 def test_crossing_hop_pays_rtt_and_bandwidth_and_run_time_change_applies(cluster):
-    settings, (fwd, _), _ = cluster
+    settings, (fwd, _), root = cluster
 
     async def go():
         async with Client(settings) as c:
             await _jobs(c, fwd.deployment, 2)  # warm
             at20 = await _jobs(c, fwd.deployment, 5)
+            before = _links_set(root)
             await c.set_links({"device-edge": (RTT, 5 * MBIT)})
-            await asyncio.sleep(0.5)
+            await _links_applied(root, before)
             at5 = await _jobs(c, fwd.deployment, 5)
             return at20, at5
 
@@ -173,12 +185,13 @@ def test_crossing_hop_pays_rtt_and_bandwidth_and_run_time_change_applies(cluster
 
 
 def test_slowdown_multiplies_compute(cluster):
-    settings, (fwd, rev), _ = cluster
+    settings, (fwd, rev), root = cluster
 
     async def go():
         async with Client(settings) as c:
+            before = _links_set(root)
             await c.set_links({}, emulate=False)  # compute only; links are not what this test measures
-            await asyncio.sleep(0.3)
+            await _links_applied(root, before)
             slow = await _jobs(c, fwd.deployment, 8)   # part1 on edge (slowdown 4)
             fast = await _jobs(c, rev.deployment, 8)   # part1 on dev (slowdown 1)
             return slow, fast
@@ -197,14 +210,15 @@ def test_state_pool_has_servers_device_battery_and_measured_links(cluster):
         async with Client(settings) as c:
             await c.set_links({"device-edge": (RTT, bw * MBIT)})
             changed = time.time()
-            end = time.monotonic() + 60
-            while True:
+
+            async def measured_since() -> object:
                 state = await c.cluster_state()
                 fwd, back = state.link("device", "edge"), state.link("edge", "device")
-                if fwd and back and fwd.measured_at > changed + 4 and back.measured_at > changed + 4:
-                    return state
-                assert time.monotonic() < end, f"no fresh link measurements: {state.links}"
-                await asyncio.sleep(0.5)
+                assert fwd and back and fwd.measured_at > changed + 4 and back.measured_at > changed + 4, \
+                    f"no fresh link measurements: {state.links}"
+                return state
+
+            return await eventually(measured_since, timeout=60, interval=0.5, message="fresh link measurements")
 
     state = asyncio.run(go())
     servers = {a.actor_id: a for a in state.servers()}
@@ -221,12 +235,13 @@ def test_state_pool_has_servers_device_battery_and_measured_links(cluster):
 
 
 def test_emulation_switched_off_at_run_time_adds_nothing(cluster):
-    settings, (fwd, _), _ = cluster
+    settings, (fwd, _), root = cluster
 
     async def go():
         async with Client(settings) as c:
+            before = _links_set(root)
             await c.set_links({"device-edge": (RTT, 5 * MBIT)}, emulate=False)
-            await asyncio.sleep(0.5)
+            await _links_applied(root, before)
             return await _jobs(c, fwd.deployment, 5)
 
     results = asyncio.run(go())

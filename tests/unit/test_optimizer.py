@@ -1,14 +1,11 @@
 """The optimizer's pure parts: cluster from monitor figures, the deployment's plan table (objective, SLA, cap),
-re-prediction, the front end's view of who is down, and `splitinfer plan` offline. No broker."""
+re-prediction, the front end's view of who is down. No broker (`splitinfer plan` offline: e2e/test_cli_plan.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 
@@ -29,7 +26,7 @@ from splitinfer.planner import (
     plan_deployment_name,
     repredict,
 )
-from tests.test_planner import random_chain
+from tests.support.planner_cases import random_chain
 
 MB = 1e6 / 8
 POWER = PowerProfile(compute_w=5.0, radio_w=0.5, idle_w=0.1)
@@ -175,36 +172,3 @@ def test_server_watch_calls_silent_deregistered_and_unheard_servers_down():
     w.deregister("phone")
     assert "phone" in w.down(["phone"], now=t0 + 8)
     assert w.battery("phone") == 0.3 and w.battery("nobody") is None
-
-
-def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splitinfer.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
-
-
-def test_plan_cli_offline_json_and_one_line_errors(tmp_path):
-    cfg = tmp_path / "cluster.toml"
-    cfg.write_text('front_end_site = "device"\n'
-                   '[[servers]]\nid = "phone"\nsite = "device"\nslowdown = 4.0\n'
-                   'power = {compute_w = 5.0, radio_w = 0.5, idle_w = 0.1}\n'
-                   '[[servers]]\nid = "cloud1"\nsite = "cloud"\n'
-                   '[links]\ndevice-cloud = {rtt_ms = 5, bandwidth_mbps = 100}\n')
-    r = _cli("plan", "keras.applications:MobileNetV3Small", "--input-shape", "96x96x3", "--config", str(cfg),
-             "--objective", "energy", "--json")
-    assert r.returncode == 0, r.stderr
-    table = json.loads(r.stdout)
-    assert table["client"] == "phone" and table["objective"] == "energy" and table["plans"]
-    servers = {part["server"] for p in table["plans"] for part in p["parts"]}
-    assert servers <= {"phone", "cloud1"}
-    primary = next(p for p in table["plans"] if p["id"] == table["primary"])
-    assert primary["energy"] == min(p["energy"] for p in table["plans"])
-    for args, needle in [
-        (["--sla", "0.001ms"], "no plan meets the SLA"),
-        (["--objective", "cheapest"], "--objective"),
-        (["--sla", "soon"], "--sla"),
-        (["--config", str(tmp_path / "missing.toml")], "not found"),
-    ]:
-        r = _cli("plan", "keras.applications:MobileNetV3Small", "--input-shape", "96x96x3", *args)
-        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-        assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
-        assert "Traceback" not in r.stderr

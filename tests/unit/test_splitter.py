@@ -22,7 +22,7 @@ from splitinfer.splitter import (
     verify_split,
 )
 from splitinfer.splitter.partition import balanced_cuts
-from tests.splitter_models import SMALL_MODELS, dict_inputs, random_partition
+from tests.support.splitter_models import SMALL_MODELS, dict_inputs, random_partition
 
 TOLERANCE = 1e-5
 BIG_MODELS = [

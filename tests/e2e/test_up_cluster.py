@@ -18,10 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -36,45 +33,16 @@ from splitinfer.actors.result_store.store import ResultStore  # noqa: E402
 from splitinfer.actors.transport.topology import Names  # noqa: E402
 from splitinfer.client import Client, publish_job, subscribe_results  # noqa: E402
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
-from splitinfer.config import Settings  # noqa: E402
-from tests.up_cluster import up_cluster  # noqa: E402
+from tests.support.broker import requires_broker  # noqa: E402
+from tests.support.cli import assert_one_line_error, cli, cli_many  # noqa: E402
+from tests.support.up_cluster import up_cluster  # noqa: E402
+from tests.support.waiting import eventually, eventually_sync  # noqa: E402
 
-PY = sys.executable
+pytestmark = requires_broker
+
 MODEL = "keras.applications:MobileNetV3Small"
 INPUT = "input_layer:0"
 TOL = 1e-5
-
-
-def _broker_up() -> bool:
-    from splitinfer.actors.supervisor import broker_answers
-
-    return broker_answers(Settings().broker_url, timeout=3)
-
-
-pytestmark = pytest.mark.skipif(not _broker_up(), reason="no RabbitMQ at the configured broker URL")
-
-
-def cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "splitinfer.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**(env or os.environ), "COLUMNS": "200"})
-
-
-def cli_many(commands: list[tuple[str, ...]], env: dict | None = None, parallel: int = 3,
-             timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Run independent CLI commands a few at a time (each process pays the package's import time)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(parallel) as pool:
-        return list(pool.map(lambda args: cli(*args, env=env, timeout=timeout), commands))
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -159,9 +127,8 @@ def test_jobs_are_correct_answered_once_and_stored(cluster, deployed, reference)
             plain_ids = [await publish_job(InferenceJob(deployment=deployed.deployment, inputs={INPUT: x},
                                                         deadline_s=60), cluster.settings)
                          for x in xs[n_client:]]
-            end = time.monotonic() + 60
-            while time.monotonic() < end and len({m.job_id for m in seen}) < n_client + n_plain:
-                await asyncio.sleep(0.1)
+            await eventually(lambda: len({m.job_id for m in seen}) >= n_client + n_plain, timeout=60, interval=0.1,
+                             message=lambda: f"{n_client + n_plain} answers on the results exchange, saw {len(seen)}")
             await asyncio.sleep(1.5)  # a duplicate answer, if any, would arrive now
         listener.cancel()
         return results, plain_ids, seen
@@ -189,12 +156,12 @@ def test_jobs_are_correct_answered_once_and_stored(cluster, deployed, reference)
 
     # the result store kept each job once (it acks after the commit: poll briefly)
     with ResultStore(cluster.store_url) as db:
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
+        def stored() -> list:
             rows = [r for r in db.query(cluster.ns) if r.job_id in set(ids)]
-            if len(rows) >= len(ids):
-                break
-            time.sleep(0.2)
+            assert len(rows) >= len(ids), f"{len(rows)} of {len(ids)} jobs stored"
+            return rows
+
+        rows = eventually_sync(stored, timeout=20, interval=0.2, message="every job in the result store")
         counts = collections.Counter(r.job_id for r in rows)
         assert all(counts[j] == 1 for j in ids), counts
         assert all(r.kind == "result" and r.deployment == deployed.deployment for r in rows)
@@ -247,8 +214,14 @@ def test_bad_jobs_get_clear_errors_and_the_front_end_keeps_serving(cluster, depl
     # the five malformed jobs went to the dead-letter queue (the late one was answered and acked)
     assert dead is not None and dead >= 5
     with ResultStore(cluster.store_url) as db:
-        time.sleep(1.5)
-        stored = {r.job_id: r for r in db.query(cluster.ns, kind="error")}
+        time.sleep(1.5)  # a second answer to the job sent twice, if any, would be stored by now
+
+        def errors_stored() -> dict:
+            stored = {r.job_id: r for r in db.query(cluster.ns, kind="error")}
+            assert all(out[k].job_id in stored for k in out), sorted(stored)
+            return stored
+
+        stored = eventually_sync(errors_stored, timeout=20, interval=0.2, message="every error in the result store")
         assert len(db.query(cluster.ns, job_id=dup.job_id)) == 1
     assert all(out[k].job_id in stored for k in out)
 

@@ -6,7 +6,7 @@ import pytest
 
 from splitinfer.monitor import node_flops, whole_model_profiler_flops
 from splitinfer.splitter import ModelGraph, load_source_model
-from tests.splitter_models import SMALL_MODELS, dict_inputs
+from tests.support.splitter_models import SMALL_MODELS, dict_inputs
 
 
 @pytest.fixture(scope="module")

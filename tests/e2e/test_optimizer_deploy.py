@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -28,8 +26,11 @@ from splitinfer.client import Client, ClientError  # noqa: E402
 from splitinfer.actors.result_store.store import ResultStore  # noqa: E402
 from splitinfer.actors.transport.topology import declare_control_queue  # noqa: E402
 from splitinfer.messages import LoadPart, Reply, ServerState, UnloadPart  # noqa: E402
-from splitinfer.config import Settings  # noqa: E402
-from tests.up_cluster import up_cluster  # noqa: E402
+from tests.support.broker import requires_broker  # noqa: E402
+from tests.support.up_cluster import up_cluster  # noqa: E402
+from tests.support.waiting import eventually, eventually_sync  # noqa: E402
+
+pytestmark = requires_broker
 
 MODEL = "keras.applications:MobileNetV3Small"
 SHAPE = (96, 96, 3)
@@ -58,15 +59,6 @@ device-edge = {rtt_ms = 8, bandwidth_mbps = 100}
 edge-cloud = {rtt_ms = 10, bandwidth_mbps = 1000}
 device-cloud = {rtt_ms = 18, bandwidth_mbps = 100}
 """
-
-
-def _broker_up() -> bool:
-    from splitinfer.actors.supervisor import broker_answers
-
-    return broker_answers(Settings().broker_url, timeout=3)
-
-
-pytestmark = pytest.mark.skipif(not _broker_up(), reason="no RabbitMQ at the configured broker URL")
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +165,13 @@ def test_each_job_gets_the_plan_its_budget_and_battery_call_for(cluster, deploye
         assert float(np.max(np.abs(out - want))) <= TOL
     assert "no_plan" in str(impossible) and "unreachable" in str(impossible)
     store = ResultStore(cluster.store_url)
-    end = time.monotonic() + 20
-    rows = []
-    while time.monotonic() < end and len(rows) < 2:
+
+    def both_stored() -> list:
         rows = [r for job in (loose.job_id, tight.job_id) for r in store.query(cluster.ns, job_id=job)]
-        time.sleep(0.2)
+        assert len(rows) >= 2, rows
+        return rows
+
+    rows = eventually_sync(both_stored, timeout=20, interval=0.2, message="both jobs in the result store")
     assert sorted(r.plan for r in rows) == sorted([fastest["id"], frugal["id"]])
 
 
@@ -192,11 +186,16 @@ def test_a_server_that_stops_answering_is_avoided(cluster, deployed, reference):
     x = _x(2)
     proc.send_signal(signal.SIGSTOP)  # no heartbeats from now on; its queues stay (a frozen box, not a dead one)
     try:
-        time.sleep(Settings().liveness_timeout_s + 2 * Settings().heartbeat_interval_s)
-
         async def go():
             c = await _client(cluster, servers=2)
             try:
+                # the registry's liveness timeout is at least the front end's, on the same heartbeats: once the
+                # registry calls the frozen server dead (or has forgotten it), the front end calls it down too
+                async def called_dead() -> bool:
+                    hosts = await c.registry.who_hosts(include_dead=True)
+                    return not any(a.actor_id == victim and a.alive for a in hosts)
+
+                await eventually(called_dead, timeout=60, interval=0.2, message=f"the registry calls {victim} dead")
                 return await c.infer(NAME, x, max_latency_s=10.0, battery=0.1, deadline_s=60)
             finally:
                 await c.stop()
@@ -276,14 +275,15 @@ def test_undeploy_removes_every_plan(cluster, deployed):
         c = await _client(cluster)
         try:
             message = await c.undeploy(NAME)
-            end = time.monotonic() + 10  # servers tell the registry as they drop their parts
-            while True:
+
+            left: list[str] = []
+
+            async def none_left() -> bool:  # servers tell the registry as they drop their parts
                 hosts = await c.registry.who_hosts()
-                left = [ref.deployment for a in hosts for ref in a.parts
-                        if ref.deployment.startswith(f"{NAME}:")]
-                if not left or time.monotonic() > end:
-                    break
-                await asyncio.sleep(0.2)
+                left[:] = [ref.deployment for a in hosts for ref in a.parts if ref.deployment.startswith(f"{NAME}:")]
+                return not left
+
+            await eventually(none_left, timeout=10, interval=0.2, message=lambda: f"plans still hosted: {left}")
             with pytest.raises(ClientError, match="no deployment"):
                 await c.infer(NAME, _x(3), deadline_s=30)
             return message, left, await c.deployments(), await c.models()

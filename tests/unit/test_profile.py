@@ -35,7 +35,7 @@ from splitinfer.monitor import (  # noqa: E402
 from splitinfer.monitor import profile as profile_mod  # noqa: E402
 from splitinfer.splitter import ModelGraph, load_source_model, split_at_cuts  # noqa: E402
 from splitinfer.splitter.partition import balanced_cuts  # noqa: E402
-from tests.splitter_models import SMALL_MODELS  # noqa: E402
+from tests.support.splitter_models import SMALL_MODELS  # noqa: E402
 
 ATTEMPTS = 4
 PAUSE_S = 3.0  # between attempts, so a burst of load from another process can pass

@@ -1,12 +1,9 @@
-"""`splitinfer profile` and `splitinfer calibrate`: bad inputs are one line and a non-zero exit; good ones give JSON,
-a profile file and a plot."""
+"""`splitinfer profile` and `splitinfer calibrate` in-process (Typer's CliRunner): bad inputs are one line and a
+non-zero exit; good ones give JSON, a profile file and a plot. The command in a fresh process: e2e/test_cli_profile.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -118,21 +115,6 @@ def test_calibrate_json(private_cache):
         assert data[key] > 0
     assert (private_cache / "calibration" / f"{data['machine']['fingerprint']}.json").exists()
     assert "--rounds" in _one_line_error(runner.invoke(app, ["calibrate", "--rounds", "0"]))
-
-
-def test_profile_command_in_a_fresh_process(tmp_path):
-    """The real entry point: progress on stderr, JSON on stdout, exit 0; a bad shape exits 1 with one line."""
-    env = {**os.environ, "SPLITINFER_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "splitinfer.cli", "profile", "keras.applications:MobileNetV3Small",
-           "--input-shape", "96x96x3", "--json", "--rounds", "5", "--segments", "4"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    data = json.loads(done.stdout)
-    assert data["input_shapes"] == [[96, 96, 3]] and data["machine"]["intra_op_threads"] == 1
-    bad = subprocess.run(cmd[:5] + ["--input-shape", "5x5x3"], capture_output=True, text=True, env=env, timeout=600)
-    assert bad.returncode == 1
-    lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in bad.stderr
 
 
 def test_profile_models_with_an_unused_input_or_no_operations(tmp_path):

@@ -32,7 +32,7 @@ from splitinfer.planner import (
 from splitinfer.splitter.graph import ModelGraph
 from splitinfer.splitter.partition import split_at_cuts, split_by_groups
 
-from tests.test_planner import Ref, close, pareto_points
+from tests.support.planner_cases import Ref, close, pareto_points
 
 
 def _costs(graph: ModelGraph) -> tuple[dict[str, float], str]:

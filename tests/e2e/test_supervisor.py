@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,9 +21,10 @@ from splitinfer.actors.supervisor import Supervisor, broker_answers
 from splitinfer.actors.supervisor.broker import has_hash_exchange
 from splitinfer.config import ClusterConfig  # noqa: E402
 from splitinfer.config import Settings  # noqa: E402
+from tests.support.broker import requires_broker  # noqa: E402
+from tests.support.waiting import eventually, eventually_sync  # noqa: E402
 
 PY = sys.executable
-BROKER_UP = broker_answers(Settings().broker_url, timeout=3)
 
 
 def free_port(low: int = 50000, high: int = 60000) -> int:
@@ -42,7 +42,7 @@ def free_port(low: int = 50000, high: int = 60000) -> int:
     raise RuntimeError("no free port")
 
 
-@pytest.mark.skipif(not BROKER_UP, reason="no RabbitMQ at the configured broker URL")
+@requires_broker
 def test_crashed_actor_is_restarted_with_backoff_then_given_up_and_stop_ends_every_child(
         monkeypatch, tmp_path, namespace):
     # stand-in actors: one that always crashes, one that runs until SIGTERM
@@ -59,9 +59,11 @@ def test_crashed_actor_is_restarted_with_backoff_then_given_up_and_stop_ends_eve
         sup = Supervisor(ClusterConfig(), settings=settings, say=said.append, run_dir=tmp_path / "run")
         await sup.start()
         crash = sup.actors["crasher"]
-        end = time.monotonic() + 20
-        while not crash.gave_up and time.monotonic() < end:
-            await asyncio.sleep(0.05)
+        try:
+            await eventually(lambda: crash.gave_up, timeout=20, interval=0.05, message="the supervisor gives up")
+        except AssertionError:
+            await sup.stop()  # no child left behind
+            raise
         sleeper_pid = sup.actors["sleeper"].pid
         status = sup.status()
         await sup.stop()
@@ -91,9 +93,9 @@ def test_up_starts_a_private_broker_when_none_answers_and_stops_it(tmp_path, nam
         up = subprocess.Popen([PY, "-m", "splitinfer.cli", "up", "--config", str(cfg)], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        end = time.monotonic() + 120
-        while time.monotonic() < end and "press Ctrl-C" not in out.read_text() and up.poll() is None:
-            time.sleep(0.3)
+        # up, with its private broker and actors, says so (or exits early: the asserts below say why)
+        eventually_sync(lambda: "press Ctrl-C" in out.read_text() or up.poll() is not None, timeout=120, interval=0.3,
+                        message=lambda: f"`splitinfer up` ready:\n{out.read_text()[-2000:]}")
         text = out.read_text()
         assert "starting a private RabbitMQ node" in text and f"port {port}" in text, text
         assert broker_answers(url) and has_hash_exchange(url)

@@ -1,0 +1,98 @@
+"""The front end's job bookkeeping (deadline, one retry, one answer per job), as pure code: no broker, fast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from splitinfer.actors.front_end.tracker import JobTracker, PendingJob, attempt_request_id
+
+
+def job(job_id="j1", outputs=("out:0",), now=0.0, deadline_s=10.0, attempt_timeout_s=4.0) -> PendingJob:
+    return PendingJob(job_id=job_id, deployment="d", reply_to=job_id, inputs={"in:0": np.zeros(1, np.float32)},
+                      final_outputs=list(outputs), received_at=now, deadline=now + deadline_s,
+                      attempt_timeout_s=attempt_timeout_s)
+
+
+# ------------------------------------------------------------------------------------------------ JobTracker
+
+def test_a_job_completes_when_every_final_output_arrived_and_is_answered_once():
+    t = JobTracker()
+    j = job(outputs=("a:0", "b:0"))
+    assert t.admit(j, now=0.0) is None
+    assert t.on_output("j1", "a:0", np.ones(1), [], "s1", now=1.0) is None
+    assert t.on_output("j1", "a:0", np.ones(1), [], "s1", now=1.1) is None  # duplicate output: ignored
+    ans = t.on_output("j1", "b:0", np.ones(1), [], "s2", now=1.5)
+    assert ans is not None and ans.kind == "result" and ans.latency_s == pytest.approx(1.5)
+    assert ans.job.served_by == ["s1", "s2"]
+    # whatever comes later for the answered job is dropped: no second answer
+    assert t.on_output("j1", "b:0", np.ones(1), [], "s2", now=2.0) is None
+    assert t.on_error("j1", "boom", "late error", now=2.0) is None
+    assert t.tick(now=100.0) == ([], [])
+    assert t.admit(job(), now=3.0).code == "duplicate_job"
+
+
+def test_deadline_gives_one_error_naming_the_missing_outputs():
+    t = JobTracker(max_retries=0)
+    t.admit(job(outputs=("a:0", "b:0"), deadline_s=2.0), now=0.0)
+    t.on_output("j1", "a:0", np.ones(1), [], "s1", now=0.5)
+    retries, answers = t.tick(now=1.9)
+    assert (retries, answers) == ([], [])
+    retries, answers = t.tick(now=2.0)
+    assert retries == [] and len(answers) == 1
+    assert answers[0].code == "deadline_exceeded" and "b:0" in answers[0].message and "a:0" not in answers[0].message
+    assert t.tick(now=5.0) == ([], [])
+    assert t.on_output("j1", "b:0", np.ones(1), [], "s2", now=5.0) is None
+
+
+def test_a_job_late_on_arrival_is_answered_at_once():
+    t = JobTracker()
+    ans = t.admit(job(deadline_s=1.0), now=1.5)
+    assert ans is not None and ans.code == "deadline_exceeded" and "after its deadline" in ans.message
+    assert t.is_answered("j1") and "j1" not in t.pending
+
+
+def test_one_retry_under_a_new_request_id_and_a_late_first_attempt_still_counts():
+    t = JobTracker(max_retries=1)
+    t.admit(job(deadline_s=10.0, attempt_timeout_s=3.0), now=0.0)
+    assert t.tick(now=2.9) == ([], [])
+    retries, answers = t.tick(now=3.0)
+    assert [r.request_id for r in retries] == [attempt_request_id("j1", 1)] and answers == []
+    assert attempt_request_id("j1", 1) != "j1"
+    # bounded: no second retry
+    assert t.tick(now=6.5) == ([], [])
+    # the first attempt's output arrives late: it is the same work, so it answers the job
+    ans = t.on_output("j1", "out:0", np.ones(1), [], "s1", now=7.0)
+    assert ans is not None and ans.kind == "result"
+    assert t.on_output(attempt_request_id("j1", 1), "out:0", np.ones(1), [], "s1", now=7.1) is None
+
+
+def test_a_redelivered_job_runs_under_fresh_request_ids_and_job_ids_may_contain_the_separator():
+    t = JobTracker(max_retries=1)
+    j = job("a~1", attempt_timeout_s=1.0)
+    j.first_request_id = "a~1~rdeadbeef"
+    t.admit(j, now=0.0)
+    assert j.request_id == "a~1~rdeadbeef"
+    assert t.on_output("a~1", "out:0", np.ones(1), [], "s1") is None  # the crashed front end's attempt: not ours
+    retries, _ = t.tick(now=1.0)
+    assert retries[0].request_id == "a~1~1"
+    ans = t.on_output("a~1~rdeadbeef", "out:0", np.ones(1), [], "s1", now=1.5)
+    assert ans is not None and ans.job.job_id == "a~1"
+    assert t.by_request == {} and t.pending == {}
+
+
+def test_an_error_from_a_server_answers_the_job_and_unknown_ids_are_ignored():
+    t = JobTracker()
+    t.admit(job(), now=0.0)
+    assert t.on_error("other", "x", "y") is None
+    ans = t.on_error("j1", "wrong_shape", "bad tensor", now=0.2)
+    assert ans.kind == "error" and ans.code == "wrong_shape"
+    assert t.on_output("j1", "out:0", np.ones(1), [], "s1") is None
+
+
+def test_next_wakeup_is_the_nearest_deadline_or_retry():
+    t = JobTracker()
+    assert t.next_wakeup(now=0.0) == 1.0
+    t.admit(job("a", deadline_s=10.0, attempt_timeout_s=4.0), now=0.0)
+    t.admit(job("b", deadline_s=3.0, attempt_timeout_s=5.0), now=0.0)
+    assert t.next_wakeup(now=1.0) == pytest.approx(2.0)

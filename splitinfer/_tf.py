@@ -2,6 +2,7 @@
 for the import alone. Every module that needs TF or Keras imports this first."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -9,15 +10,13 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _quiet_import() -> None:
-    import sys
-
     if "tensorflow" in sys.modules or os.environ.get("SPLITINFER_TF_VERBOSE"):
         return
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401  (this module's purpose: import it with stderr muted)
         import keras  # noqa: F401
     finally:
         os.dup2(saved, 2)

@@ -200,11 +200,13 @@ def decode_frame(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_
         nbytes = count * dtype.itemsize
         if offset + nbytes > n:
             raise MessageError(f"{name}: shape {tuple(shape)} x itemsize {dtype.itemsize} = {nbytes} bytes, beyond "
-                               f"the {n - offset} bytes sent", "bad_array", rid)
+                               f"the {max(0, n - offset)} bytes sent", "bad_array", rid)
         arrays[name] = np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
         if codec is not None:
             codecs[name] = (codec, None if scale is None else float(scale))
         offset += _padded(nbytes)
-    if offset != n:
+    if offset > n:
+        raise MessageError(f"frame ends {offset - n} bytes before its last array's padding", "bad_array", rid)
+    if offset < n:
         raise MessageError(f"frame carries {n - offset} bytes more than its arrays", "bad_array", rid)
     return Frame(kind, meta, arrays, codecs)

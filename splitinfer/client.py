@@ -8,11 +8,15 @@
         result = await c.infer("mnv3s", x, max_latency_s=0.1, battery=0.2)  # the front end picks a plan
         result.plan                                            # which plan ran
 
-A failed job raises `JobFailed` (its `.error` is the ErrorResult: code, message, where). Jobs go through the
-front end (`<ns>.jobs`); answers come back on `<ns>.results` with this client's id as routing key.
+A failed job raises `JobFailed` (its `.error` is the ErrorResult: code, message, where). A job's inputs go
+straight to the deployment's first parts (the Client chooses a model deployment's plan from its pushed plan table)
+and the answer comes straight back on `<ns>.results` with this client's id as routing key: parts + 1 broker hops
+in all. The front end tracks the job's deadline from a notice off that path; the Client holds the inputs and
+re-sends a job that brought nothing after a share of its deadline.
 
-For users who wire their own: `publish_job(job)` puts an InferenceJob (or raw bytes) on the jobs queue;
-`subscribe_results(key)` yields every ResultMessage / ErrorResult published with that key ("#": all).
+For users who wire their own: `publish_job(job)` puts an InferenceJob (or raw bytes) on the jobs queue, where the
+front end validates it and sends its inputs (parts + 2 hops); `subscribe_results(key)` yields every ResultMessage /
+ErrorResult published with that key ("#": all).
 
 The Client is not an actor: it composes a transport session (connection, publisher, RPC) with the typed clients
 of the services it talks to (registry, model pool, state pool, optimizer, model servers).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -31,21 +36,28 @@ import aio_pika
 import numpy as np
 from aio_pika.abc import AbstractIncomingMessage
 
+from splitinfer.actors.front_end.tracker import JobTracker, PendingJob
+from splitinfer.actors.front_end.watch import ServerWatch, route
 from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.model_server.client import ServerOrders, failures
 from splitinfer.actors.optimizer.client import OptimizerClient
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.state_pool.client import StatePoolClient
 from splitinfer.actors.transport import Names, RemoteError, Session, Unroutable
+from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     ActorInfo,
     ClusterState,
     DeployModel,
+    Deregister,
     ErrorResult,
+    Heartbeat,
     InferenceJob,
     LinkSpec,
     MessageError,
+    PlanTableMessage,
     Requirements,
     ResultMessage,
     SetLinks,
@@ -53,11 +65,14 @@ from splitinfer.messages import (
     encode,
     plan_deployment_name,
 )
+from splitinfer.messages.frames import NOTICE, TENSORS, decode_frame, encode_frame, is_frame, result_message
 from splitinfer.monitor.links import MBIT
+from splitinfer.planner import PlanTable
 from splitinfer.splitter.errors import SplitError
 from splitinfer.splitter.manifest import APPLICATIONS_PREFIX, Manifest
 
 ANSWER_SLACK_S = 10.0   # past the job's deadline the front end has answered; wait this much longer for the message
+TICK_S = 0.25           # the client looks at its jobs' retries and deadlines at least this often
 LISTING_TIMEOUT_S = 10.0
 
 
@@ -69,6 +84,13 @@ class JobFailed(Exception):
     def __init__(self, error: ErrorResult):
         super().__init__(f"job {error.job_id}: {error.code}: {error.message}")
         self.error = error
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future
+    dtypes: dict[str, str]   # the final outputs' dtypes (a compressed output is restored to them)
+    sent_at: float           # loop time: the answer's latency is measured on this machine's clock
 
 
 @dataclass
@@ -92,8 +114,14 @@ class Client:
         self.state_pool = StatePoolClient(rpc)
         self.optimizer = OptimizerClient(rpc)
         self.orders = ServerOrders(rpc, self.names)
-        self._waiters: dict[str, asyncio.Future] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        # this client's jobs: retries (it holds their inputs) and, when no front end answers it, the deadline
+        self.jobs = JobTracker(grace_s=DEADLINE_GRACE_S + CLIENT_DEADLINE_SLACK_S)
         self._manifests: dict[str, Manifest] = {}
+        self._tables: dict[str, PlanTable] = {}
+        self.watch = ServerWatch(self.settings.liveness_timeout_s)
+        self._front: str | None = None  # the front end that tracks our jobs
+        self._site = ""                  # the client's site: the front end's
 
     async def __aenter__(self) -> "Client":
         await self.start()
@@ -106,26 +134,79 @@ class Client:
         """Connect, or fail at once with one line when no broker answers (no minute of retries for a user)."""
         await self.session.open(fail_fast=True)
         channel = self.session.connection.channel
+        exchanges = self.session.connection.exchanges
         q = await channel.declare_queue(f"{self.names.ns}.client.{self.names.result_key(self.id)}", exclusive=True,
                                         auto_delete=True)
-        await q.bind(self.session.connection.exchanges["results"], routing_key=self.names.result_key(self.id))
+        await q.bind(exchanges["results"], routing_key=self.names.result_key(self.id))
         await q.consume(self._on_answer, no_ack=True)
+        # what choosing a plan needs: who is down, the device's battery, plan tables
+        watch = await channel.declare_queue(f"{self.names.ns}.client.{self.names.result_key(self.id)}.watch",
+                                            exclusive=True, auto_delete=True)
+        for key in ("heartbeat.*", "deregister.*", "plans.*"):
+            await watch.bind(exchanges["control"], routing_key=key)
+        await watch.consume(self._on_watch, no_ack=True)
+        self.session.spawn(self._tick())
 
     async def stop(self) -> None:
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(ClientError(f"client {self.id} stopped before the answer came"))
+        for w in self._waiters.values():
+            if not w.future.done():
+                w.future.set_exception(ClientError(f"client {self.id} stopped before the answer came"))
         self._waiters.clear()
         await self.session.close()
 
     async def _on_answer(self, message: AbstractIncomingMessage) -> None:
+        """An answer: a result frame straight from the part that produced it, or an error (from the front end or
+        a part). The first answer of a job wins; a duplicate (a recomputation after a crash) is dropped."""
+        received = time.time()
+        body = message.body
         try:
-            msg = decode(message.body, max_bytes=self.settings.max_message_bytes, expect=(ResultMessage, ErrorResult))
+            if is_frame(body):
+                frame = decode_frame(body, self.settings.max_message_bytes)
+                waiter = self._waiters.get(frame.job_id)
+                if waiter is None:
+                    return
+                hops = [*frame.hops, ["answer", self.id, max(0.0, received - frame.meta.get("sent", received)), 0.0,
+                                      0.0, 0.0, 1, received, "broker"]]
+                frame.meta["hops"] = hops
+                answer = result_message(frame, waiter.dtypes, asyncio.get_running_loop().time() - waiter.sent_at)
+            else:
+                answer = decode(body, max_bytes=self.settings.max_message_bytes, expect=(ResultMessage, ErrorResult))
         except MessageError:
             return
-        fut = self._waiters.pop(msg.job_id or "", None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        job_id = answer.job_id or ""
+        if isinstance(answer, ErrorResult):  # a part's error names the request (one attempt), not the job
+            mine = self.jobs.on_error(job_id, answer.code, answer.message)
+            job_id = mine.job.job_id if mine is not None else job_id
+            if job_id != answer.job_id:
+                answer = answer.model_copy(update={"job_id": job_id})
+        else:
+            self.jobs.on_answered(job_id)
+        self._resolve(job_id, answer)
+
+    def _resolve(self, job_id: str, answer: ResultMessage | ErrorResult) -> None:
+        self.jobs.on_answered(job_id)
+        waiter = self._waiters.pop(job_id, None)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_result(answer)
+
+    async def _on_watch(self, message: AbstractIncomingMessage) -> None:
+        try:
+            msg = decode(message.body, max_bytes=self.settings.max_message_bytes,
+                         expect=(Heartbeat, Deregister, PlanTableMessage))
+        except MessageError:
+            return
+        if isinstance(msg, Heartbeat):
+            self.watch.heartbeat(msg.actor_id, msg.state, parts=msg.parts)
+            if msg.kind == "front_end" and self._front is None:
+                self._front, self._site = msg.actor_id, msg.site
+        elif isinstance(msg, Deregister):
+            self.watch.deregister(msg.actor_id)
+        elif msg.name in self._tables:
+            if msg.removed or not msg.table:
+                self._tables.pop(msg.name, None)
+                self._manifests.pop(msg.name, None)
+            else:
+                self._tables[msg.name] = PlanTable.from_json(msg.table)
 
     async def _ask(self, coro, what: str):
         """A service's answer, or ClientError saying that it did not answer or what it refused."""
@@ -140,30 +221,119 @@ class Client:
     async def submit(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
                      deadline_s: float | None = None, job_id: str | None = None,
                      requirements: Requirements | None = None) -> asyncio.Future:
-        """Publish a job; the future resolves to its ResultMessage or ErrorResult. `requirements` (max latency,
-        battery level, min fidelity) choose the plan of a model deployment (see deploy_model)."""
+        """Send a job; the future resolves to its ResultMessage or ErrorResult. The inputs go straight to the
+        deployment's first parts, the answer comes straight back from the part that produces it; the front end
+        tracks the job's deadline from a notice, off that path, and this client re-sends a job that brought
+        nothing after a share of its deadline. `requirements` (max latency, battery level, min fidelity) choose the
+        plan of a model deployment (see deploy_model)."""
+        manifest = await self.manifest(deployment)
         if isinstance(inputs, np.ndarray):
-            names = await self.input_names(deployment)
+            names = [t.name for t in manifest.inputs]
             if len(names) != 1:
                 raise ClientError(f"deployment {deployment} takes {len(names)} inputs {names}: pass a dict")
             inputs = {names[0]: inputs}
-        job = InferenceJob(deployment=deployment, inputs={k: np.ascontiguousarray(v) for k, v in inputs.items()},
-                           deadline_s=deadline_s, reply_to=self.id, requirements=requirements or Requirements(),
-                           **({"job_id": job_id} if job_id else {}))
-        return await self.submit_job(job)
+        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        bad = manifest.check_inputs(arrays)
+        if bad is not None:  # refused at once, with the code the front end would answer
+            raise ClientError(f"{bad[0]}: deployment {deployment}: {bad[1]}")
+        requirements = requirements or Requirements()
+        to, plan, problem = route(deployment, self._tables.get(deployment), requirements, self.watch)
+        if problem is not None:
+            raise ClientError(f"{problem[0]}: {problem[1]}")
+        job_id = job_id or uuid.uuid4().hex
+        if self._front is None:
+            await self._find_front_end()
+        loop = asyncio.get_running_loop()
+        deadline_s = deadline_s or self.settings.job_deadline_s
+        job = PendingJob(job_id=job_id, deployment=deployment, reply_to=self.id, inputs=arrays,
+                         final_outputs=manifest.output_names, received_at=loop.time(),
+                         deadline=loop.time() + deadline_s,
+                         attempt_timeout_s=max(0.05, deadline_s * self.jobs.retry_share), route=to, plan=plan,
+                         requirements=requirements, error_to=self._error_to())
+        if self.jobs.admit(job, loop.time()) is not None:
+            raise ClientError(f"job {job_id} was already submitted by this client")
+        waiter = _Waiter(loop.create_future(), {t.name: t.dtype for t in manifest.outputs}, loop.time())
+        self._waiters[job_id] = waiter
+        try:
+            await self._send(job)
+        except BaseException:
+            self._waiters.pop(job_id, None)
+            self.jobs.on_answered(job_id)
+            raise
+        return waiter.future
+
+    async def _send(self, job: PendingJob) -> None:
+        """The job's inputs straight to its first parts (one frame each), then a notice to the front end, which
+        tracks the job's deadline off the tensor path."""
+        now = time.time()
+        budget = max(0.0, job.deadline - asyncio.get_running_loop().time())
+        meta = {"rid": job.request_id, "job": job.job_id, "dep": job.route, "rt": self.id, "err": job.error_to,
+                "sent": now, "sub": now, "site": self._site, "origin": self._site, "budget": budget}
+        if job.plan is not None:
+            meta.update(model=job.deployment, plan=job.plan)
+        headers = {"request_id": job.request_id, "reply_to": job.error_to}
+        try:
+            for name, array in job.inputs.items():
+                await self.session.publisher.publish("tensors", self.names.tensor_key(job.route, name),
+                                                     encode_frame(TENSORS, meta, {name: array}), headers=headers)
+        except Unroutable:
+            raise ClientError(f"not_deployed: no server serves the inputs of {job.route} (load its parts first)") \
+                from None
+        await self.session.publisher.publish("", self.names.inflight, encode_frame(NOTICE, meta, {}),
+                                             headers=headers, mandatory=False)
+
+    async def _tick(self) -> None:
+        """Retries and deadlines of this client's jobs: an attempt that brought nothing after a share of the
+        deadline is sent again (its plan chosen again: a server may be down); a job still unanswered well past its
+        deadline (the front end answers it first, at its grace) is answered `deadline_exceeded` here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(TICK_S, self.jobs.next_wakeup(loop.time())))
+            retries, answers = self.jobs.tick(loop.time())
+            for answer in answers:
+                job = answer.job
+                self._resolve(job.job_id, ErrorResult(job_id=job.job_id, deployment=job.deployment, code=answer.code,
+                                                      message=answer.message or "", where=self.id, plan=job.plan))
+            for job in retries:
+                to, plan, problem = route(job.deployment, self._tables.get(job.deployment), job.requirements,
+                                          self.watch)
+                if problem is None:
+                    job.route, job.plan = to, plan
+                try:
+                    await self._send(job)
+                except (ClientError, Exception) as exc:  # the retry could not go out: the deadline answers the job
+                    self.session.log.warning("retry_failed", job_id=job.job_id, error=str(exc))
+
+    def _error_to(self) -> str:
+        """Errors about our requests go to the front end, which decides the job's one answer; without one, here."""
+        return f"{INTERNAL_REPLY_PREFIX}{self._front}" if self._front else self.id
+
+    async def _find_front_end(self) -> None:
+        """The front end's id and site (the client's site: where the inputs start), from the registry."""
+        try:
+            actors = await self.registry.who_hosts(timeout=min(5.0, self.settings.rpc_timeout_s))
+        except (asyncio.TimeoutError, RemoteError, Unroutable):
+            return
+        front = next((a for a in actors if a.kind == "front_end" and a.alive), None)
+        if front is not None:
+            self._front, self._site = front.actor_id, front.site
 
     async def submit_job(self, job: InferenceJob | bytes, job_id: str | None = None) -> asyncio.Future:
-        """Publish a prepared job (or raw bytes, e.g. to test the front end) and return the answer's future."""
+        """Publish a job to the jobs queue (an InferenceJob, or raw bytes, e.g. to test the front end): the front
+        end validates it and sends its inputs. Returns the answer's future."""
         jid = job.job_id if isinstance(job, InferenceJob) else (job_id or uuid.uuid4().hex)
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters[jid] = fut
+        loop = asyncio.get_running_loop()
+        dtypes = {}
+        if isinstance(job, InferenceJob) and job.deployment in self._manifests:
+            dtypes = {t.name: t.dtype for t in self._manifests[job.deployment].outputs}
+        self._waiters[jid] = _Waiter(loop.create_future(), dtypes, loop.time())
         try:
             await self.session.publisher.publish("", self.names.jobs, job,
                                                  headers={"request_id": jid, "reply_to": self.id})
         except BaseException:
             self._waiters.pop(jid, None)
             raise
-        return fut
+        return self._waiters[jid].future
 
     async def infer(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
                     deadline_s: float | None = None, timeout: float | None = None,
@@ -185,7 +355,7 @@ class Client:
             return await asyncio.wait_for(asyncio.shield(fut), limit)
         except asyncio.TimeoutError:
             for job_id, waiting in list(self._waiters.items()):
-                if waiting is fut:
+                if waiting.future is fut:
                     del self._waiters[job_id]
             raise TimeoutError(f"no answer within {limit:.1f}s: is the front end running (`splitinfer up`)?") from None
 
@@ -193,12 +363,15 @@ class Client:
         return [t.name for t in (await self.manifest(deployment)).inputs]
 
     async def manifest(self, deployment: str) -> Manifest:
-        """The deployment's manifest from the model pool (cached); a model deployment's first plan's (every plan
-        takes and gives the same tensors)."""
+        """The deployment's manifest from the model pool (cached); for a model deployment, its plan table too and
+        its first plan's manifest (every plan takes and gives the same tensors)."""
         if deployment not in self._manifests:
             listed = deployment
             if deployment in await self.models():
                 table = await self.plan_table(deployment)
+                self._tables[deployment] = PlanTable.from_json(table)
+                # choosing a plan avoids servers that are down: start from the registry's view of them
+                self.watch.seed(await self.actors(include_dead=True))
                 listed = plan_deployment_name(deployment, table["plans"][0]["id"])
             elif deployment not in await self.deployments():
                 raise ClientError(f"no deployment {deployment!r} in the model pool")
@@ -427,8 +600,10 @@ async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
             async for message in it:
                 async with message.process():
                     try:
-                        msg = decode(message.body, max_bytes=settings.max_message_bytes,
-                                     expect=(ResultMessage, ErrorResult))
+                        msg = result_message(decode_frame(message.body, settings.max_message_bytes)) \
+                            if is_frame(message.body) else \
+                            decode(message.body, max_bytes=settings.max_message_bytes,
+                                   expect=(ResultMessage, ErrorResult))
                     except MessageError:
                         continue
                     yield msg

@@ -97,33 +97,35 @@ def max_abs_error(results: list[ResultMessage], local_outputs: list[dict]) -> fl
     return worst
 
 
-def hop_summary(results: list[ResultMessage], client_latency: list[float] | None = None) -> list[dict]:
-    """Mean per-hop times over results, in path order: where the time went. "job" is the job's trip to the front
-    end, "result" the last part's output to the front end; with the client-seen latencies, a last row "answer":
-    the answer's trip back to the client plus the client's own work (client latency - cluster latency - job hop)."""
+def hop_summary(results: list[ResultMessage]) -> list[dict]:
+    """Mean per-hop times over results, in path order: where the time went. "job" is a job's trip to the front
+    end (jobs published to `<ns>.jobs`), then each part (its inputs' trip, join and queue wait, compute, batch size,
+    and whether the inputs came over the broker or from the part before it in-process), then "answer": the answer's
+    trip from the part that produced it to the caller."""
     acc: dict[tuple[str, str], list] = {}
-    for i, r in enumerate(results):
+    via: dict[tuple[str, str], set] = {}
+    for r in results:
         for h in r.hops:
             acc.setdefault((h.part, h.server), []).append(
                 (h.transfer_s, h.join_wait_s, h.queue_wait_s, h.compute_s, h.batch))
-        if client_latency is not None and r.latency_s is not None:
-            job_hop = sum(h.transfer_s for h in r.hops if h.part == "job")
-            acc.setdefault((ANSWER_HOP, "client"), []).append(
-                (max(0.0, client_latency[i] - r.latency_s - job_hop), 0.0, 0.0, 0.0, 1))
+            via.setdefault((h.part, h.server), set()).add(h.via)
     rows = []
     for (part, server), vals in acc.items():
         a = np.asarray(vals, dtype=np.float64)
         rows.append({"part": part, "server": server, "transfer_ms": a[:, 0].mean() * 1e3,
                      "join_wait_ms": a[:, 1].mean() * 1e3, "queue_ms": a[:, 2].mean() * 1e3,
-                     "compute_ms": a[:, 3].mean() * 1e3, "mean_batch": a[:, 4].mean()})
+                     "compute_ms": a[:, 3].mean() * 1e3, "mean_batch": a[:, 4].mean(),
+                     "via": "/".join(sorted(via[(part, server)]))})
 
     def order(row: dict) -> tuple:
         part = row["part"]
         if part == "job":
             return (0, 0)
+        if part == ANSWER_HOP:
+            return (3, 0)
         if part.startswith("part") and part[4:].isdigit():
             return (1, int(part[4:]))
-        return (2 if part == "result" else 3 if part == ANSWER_HOP else 1, 0)
+        return (2, 0)
 
     return sorted(rows, key=order)
 

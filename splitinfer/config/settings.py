@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     prefetch: int = 32                      # unacked deliveries per consumer (must exceed the join buffer's needs)
     join_timeout_s: float = 30.0            # a join's partial inputs wait this long, then an error result
     join_buffer: int = 256                  # partial requests a server holds per part before refusing the oldest
-    max_batch: int = 8                      # ready requests of one part run together as one batch
+    max_batch: int = Field(default=8, ge=1)  # ready requests of one part run together as one batch, at most this many
+    # a ready request waits up to this long for others of its part to join its batch (Triton's max queue delay); 0:
+    # the batch is what is ready when the worker is free (under load batches still form while it computes)
+    batch_delay_us: int = Field(default=0, ge=0, le=1_000_000)
+    local_handoff: bool = True              # consecutive parts hosted in one process run back to back, no broker hop
+    max_inflight_jobs: int = Field(default=1024, ge=1)  # jobs a front end tracks at once (its queues' prefetch)
     done_cache: int = 20000                 # request ids remembered per part, for idempotent redelivery
     standby_delay_s: float = 2.0            # replicas subscribe as standby on the other replicas' queues after this
     drain_timeout_s: float = 5.0            # on SIGTERM, finish in-flight work this long, then hand it back

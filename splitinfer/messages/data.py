@@ -23,6 +23,7 @@ class Hop(Frozen):
     compute_s: float = 0.0     # the part's compiled function, batch included
     batch: int = 1
     finished_at: float = 0.0   # wall clock, for ordering
+    via: str = "broker"        # how the inputs came: over the broker, or "local" from the part before, in-process
 
 
 class Requirements(Frozen):

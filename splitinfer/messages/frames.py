@@ -8,8 +8,9 @@ Layout (little-endian):
 
     "SIF" version:u8 | kind:u8 | narrays:u8 | reserved:u16 | meta_len:u32 | meta (msgpack map) | payload
 
-`kind` is TENSORS (inputs to a part, or a part's outputs to the next parts) or RESULT (a job's final outputs,
-published once to `<ns>.results`, where the caller, the front end and the result store all read it). `meta["a"]`
+`kind` is TENSORS (inputs to a part, or a part's outputs to the next parts), RESULT (a job's final outputs,
+published once to `<ns>.results`, where the caller, the front end and the result store all read it) or NOTICE (a
+job its caller sent itself, for the front end to track: meta only). `meta["a"]`
 describes the arrays in payload order: `[name, dtype str, shape, codec or None, scale or None]`; each array starts
 at a multiple of ALIGN bytes. Checks on every decode: the magic and version, sizes within the limit, dtype in the
 allow-list, at most MAX_NDIM dimensions, the arrays' bytes (shape x itemsize, aligned) adding up to the payload
@@ -28,21 +29,28 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from splitinfer.messages.arrays import ALLOWED_DTYPES, CODECS, MAX_NDIM, MessageError
+from splitinfer.messages.arrays import ALLOWED_DTYPES, CODECS, MAX_NDIM, MessageError, decompress_array
+from splitinfer.messages.data import Hop, ResultMessage
 from splitinfer.messages.wire import DEFAULT_MAX_BYTES, MAX_ID_LEN
 
 MAGIC = b"SIF"
 FRAME_VERSION = 1
 TENSORS = 1
 RESULT = 2
+NOTICE = 3  # a job sent by its caller: the meta alone, for the front end to track (no arrays)
 ALIGN = 16
 _HEAD = struct.Struct("<3sBBBHI")  # magic, version, kind, narrays, reserved, meta_len
 MAX_META_BYTES = 1 << 20
 MAX_ARRAYS = 255
 
+# hops that are a trip, not a part's work: the job to the front end, the answer to its caller
+TRIP_HOPS = ("job", "answer")
 # one hop as the frames carry it: part, server, transfer, join wait, queue wait, compute, batch, finished at, via
 HOP_FIELDS = ("part", "server", "transfer_s", "join_wait_s", "queue_wait_s", "compute_s", "batch", "finished_at",
               "via")
+
+# meta fields a part's outputs carry on from its inputs: whose job it is and where its answer and errors go
+CARRIED = ("job", "model", "plan", "rt", "err", "sub", "origin")
 
 # meta keys: name -> (type checked on decode, required)
 _META: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -54,6 +62,7 @@ _META: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "src": (str, False),       # producing part ("" for the job's inputs)
     "srv": (str, False),       # producing actor
     "site": (str, False),      # producer's site (link emulation)
+    "origin": (str, False),    # the caller's site: where the answer goes back to (link emulation)
     "budget": ((int, float), False),  # seconds left to the job's deadline when sent
     "rt": (str, False),        # where the answer goes: routing key on `<ns>.results`
     "err": (str, False),       # where errors about this request go (the front end)
@@ -146,7 +155,7 @@ def decode_frame(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_
         raise MessageError("not a tensor frame", "bad_frame")
     if version != FRAME_VERSION:
         raise MessageError(f"frame version {version}, expected {FRAME_VERSION}", "bad_version")
-    if kind not in (TENSORS, RESULT):
+    if kind not in (TENSORS, RESULT, NOTICE):
         raise MessageError(f"unknown frame kind {kind}", "bad_frame")
     if meta_len > MAX_META_BYTES or _HEAD.size + meta_len > n:
         raise MessageError("frame meta truncated or too large", "bad_frame")
@@ -210,3 +219,31 @@ def decode_frame(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_
     if offset < n:
         raise MessageError(f"frame carries {n - offset} bytes more than its arrays", "bad_array", rid)
     return Frame(kind, meta, arrays, codecs)
+
+
+def hop_models(hops: list[list]) -> list[Hop]:
+    """The hops a frame carries as the Hop models a ResultMessage shows (unknown or short entries are skipped)."""
+    out = []
+    for h in hops:
+        if isinstance(h, list) and len(h) >= 8:
+            out.append(Hop(part=str(h[0]), server=str(h[1]), transfer_s=float(h[2]), join_wait_s=float(h[3]),
+                           queue_wait_s=float(h[4]), compute_s=float(h[5]), batch=int(h[6]), finished_at=float(h[7]),
+                           via=str(h[8]) if len(h) > 8 else "broker"))
+    return out
+
+
+def result_message(frame: Frame, dtypes: dict[str, str] | None = None, latency_s: float | None = None
+                   ) -> ResultMessage:
+    """A RESULT frame as the ResultMessage the caller gets: compressed outputs restored to their dtypes (from the
+    manifest: `dtypes`, else float32), the hops as models, the servers that worked on it in order."""
+    outputs = {}
+    for name, array in frame.arrays.items():
+        codec = frame.codecs.get(name)
+        outputs[name] = decompress_array(array, codec[0], codec[1], (dtypes or {}).get(name, "float32")) \
+            if codec else array
+    hops = hop_models(frame.hops)
+    served = list(dict.fromkeys(h.server for h in hops if h.part not in TRIP_HOPS))
+    meta = frame.meta
+    return ResultMessage(job_id=frame.job_id, deployment=meta.get("model") or frame.deployment, outputs=outputs,
+                         hops=hops, latency_s=latency_s, served_by=served, plan=meta.get("plan"),
+                         plan_deployment=frame.deployment if meta.get("plan") else None)

@@ -29,7 +29,7 @@ Errors are PlanError with a one-line message (unreachable SLA with the best achi
 no server can hold a part, nothing fits memory, fidelity floor unreachable).
 """
 
-from splitinfer.messages import OBJECTIVES
+from splitinfer.messages import OBJECTIVES, plan_deployment_name
 from splitinfer.planner.adapter import cost_graph_from, cost_graph_from_profile, param_bytes_of
 from splitinfer.planner.chain import chain_pareto, plan_chain
 from splitinfer.planner.costmodel import CostModel, Prediction, evaluate
@@ -56,7 +56,6 @@ from splitinfer.planner.optimize import (
     link_figures,
     parse_duration,
     plan_deployment,
-    plan_deployment_name,
     repredict,
 )
 from splitinfer.planner.plan import Plan, PlanPart, make_plan, parts_from_assignment

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from splitinfer.config import ClusterConfig
-from splitinfer.messages import LinkSpec, LinkState, PowerSpec, plan_deployment_name, split_pair
+from splitinfer.messages import LinkSpec, LinkState, PowerSpec, split_pair
 from splitinfer.planner.chain import Compression
 from splitinfer.planner.costmodel import CostModel, evaluate
 from splitinfer.planner.milp import plan_dag

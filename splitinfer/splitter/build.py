@@ -29,7 +29,6 @@ from splitinfer.splitter.manifest import (
     SourceModel,
     TensorSpec,
     file_sha256,
-    parse_shape,
 )
 from splitinfer.splitter.partition import PartSpec
 

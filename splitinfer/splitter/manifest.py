@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
+
+from splitinfer.messages import MessageError, check_tensor
 
 from splitinfer.splitter.errors import SplitError
 
@@ -69,6 +72,29 @@ class Manifest(BaseModel):
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    def check_inputs(self, arrays: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+        """A job's inputs against what the deployment takes: every input by name, its dtype and shape, one batch
+        size of at least 1. None when fine, else (code, one-line reason): `bad_inputs`, `wrong_dtype`,
+        `wrong_shape`."""
+        want = [t.name for t in self.inputs]
+        missing = [n for n in want if n not in arrays]
+        extra = [n for n in arrays if n not in want]
+        if missing or extra:
+            return "bad_inputs", f"the deployment takes inputs {want}; missing {missing}, unexpected {extra}"
+        batch = None
+        for spec in self.inputs:
+            arr = arrays[spec.name]
+            try:
+                check_tensor(arr, spec.shape, spec.dtype, name=f"input {spec.name}")
+            except MessageError as exc:
+                return exc.code, exc.reason
+            if arr.ndim and batch is not None and arr.shape[0] != batch:
+                return "wrong_shape", f"input {spec.name}: batch {arr.shape[0]}, other inputs have {batch}"
+            batch = arr.shape[0] if arr.ndim else batch
+        if batch == 0:
+            return "wrong_shape", "inputs have an empty batch"
+        return None
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_FILE

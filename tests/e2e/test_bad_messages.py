@@ -12,7 +12,7 @@ import pytest
 
 aio_pika = pytest.importorskip("aio_pika")
 
-from splitinfer.messages import TensorMessage  # noqa: E402
+from splitinfer.messages.frames import TENSORS, encode_frame  # noqa: E402
 from tests.support.actors import Driver  # noqa: E402
 from tests.support.actors import check_outputs as _check_outputs  # noqa: E402
 from tests.support.actors import core_settings as _settings  # noqa: E402
@@ -46,17 +46,19 @@ def test_bad_messages_get_error_results_and_dead_letter(dag_split, cluster_facto
             # the same request again (as after a redelivery): acked without recomputing, no second output
             await driver.send("ok3", {"img:0": xs[3:4]})
             key = names.tensor_key("dag", "img:0")
-            # malformed: not msgpack at all
-            await driver.publisher.publish("tensors", key, b"\xc1\xff not msgpack", headers={"request_id": "bad-malformed"})
+            # malformed: not a tensor frame at all
+            await driver.publisher.publish("tensors", key, b"\xc1\xff not a frame",
+                                           headers={"request_id": "bad-malformed"})
             # wrong shape: a valid message whose tensor is 8x8 instead of 16x16
             await driver.send("bad-shape", {"img:0": np.zeros((1, 8, 8, 3), np.float32)})
             # oversized: a 16x160x160x3 float32 tensor (4.9 MB) against a 200 kB limit
             await driver.send("bad-big", {"img:0": np.zeros((16, 160, 160, 3), np.float32)})
             # a join input whose partner never comes: join timeout (2 s here)
-            await driver.publisher.publish("tensors", names.tensor_key("dag", "branch_a:0"),
-                                 TensorMessage(request_id="bad-lonely", deployment="dag", tensor="branch_a:0",
-                                               array=np.zeros((1, 16, 16, 8), np.float32)),
-                                 headers={"request_id": "bad-lonely"})
+            await driver.publisher.publish(
+                "tensors", names.tensor_key("dag", "branch_a:0"),
+                encode_frame(TENSORS, {"rid": "bad-lonely", "dep": "dag", "rt": driver.id},
+                             {"branch_a:0": np.zeros((1, 16, 16, 8), np.float32)}),
+                headers={"request_id": "bad-lonely"})
             after = await driver.run_many(xs[10:], concurrency=4, prefix="ok2")  # still serving
             # 48 requests' first join inputs before any second one: more partial joins than the prefetch (32);
             # the join consumer's own prefetch leaves room for the inputs that complete them (no stall)
@@ -65,17 +67,18 @@ def test_bad_messages_get_error_results_and_dead_letter(dag_split, cluster_facto
             driver.waiters.update(waits)
             for tensor in ("branch_a:0", "branch_b:0"):
                 for rid in waits:
-                    await driver.publisher.publish("tensors", names.tensor_key("dag", tensor),
-                                         TensorMessage(request_id=rid, deployment="dag", tensor=tensor,
-                                                       array=np.ones((1, 16, 16, 8), np.float32)),
-                                         headers={"request_id": rid})
+                    await driver.publisher.publish(
+                        "tensors", names.tensor_key("dag", tensor),
+                        encode_frame(TENSORS, {"rid": rid, "dep": "dag", "rt": driver.id},
+                                     {tensor: np.ones((1, 16, 16, 8), np.float32)}),
+                        headers={"request_id": rid})
             done = await asyncio.wait_for(asyncio.gather(*waits.values()), 20)
             assert len(done) == 48 and all(np.allclose(d["head:0"], done[0]["head:0"]) for d in done)
             await eventually(lambda: len(driver.errors) >= 4, timeout=10, interval=0.1,
                              message=lambda: f"4 error results, got {driver.errors}")
             by_job = {e.job_id: e for e in driver.errors}
             assert set(by_job) == {"bad-malformed", "bad-shape", "bad-big", "bad-lonely"}, driver.errors
-            assert by_job["bad-malformed"].code == "bad_message"
+            assert by_job["bad-malformed"].code == "bad_frame"
             assert by_job["bad-shape"].code == "wrong_shape" and "(1, 8, 8, 3)" in by_job["bad-shape"].message
             assert by_job["bad-big"].code == "too_large" and str(limit) in by_job["bad-big"].message
             assert by_job["bad-lonely"].code == "join_timeout" and "branch_b:0" in by_job["bad-lonely"].message

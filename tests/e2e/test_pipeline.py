@@ -26,7 +26,7 @@ aio_pika = pytest.importorskip("aio_pika")
 from splitinfer.actors.model_pool.client import PoolClient  # noqa: E402
 from splitinfer.actors.model_server.client import ServerOrders  # noqa: E402
 from splitinfer.actors.registry.client import RegistryClient  # noqa: E402
-from splitinfer.messages import TensorMessage, decode  # noqa: E402
+from splitinfer.messages.frames import TENSORS, Frame, decode_frame, encode_frame  # noqa: E402
 from tests.support.actors import Driver  # noqa: E402
 from tests.support.actors import check_outputs as _check_outputs  # noqa: E402
 from tests.support.actors import core_settings as _settings  # noqa: E402
@@ -155,14 +155,15 @@ def test_compressed_cuts_travel_smaller_and_come_back_as_the_models_dtype(dag_sp
     async def main() -> None:
         driver = Driver(_settings(namespace), "cdag", manifest)
         await driver.start()
-        wire: dict[str, list[TensorMessage]] = collections.defaultdict(list)
+        wire: dict[str, list[Frame]] = collections.defaultdict(list)
         spy = await driver.channel.declare_queue(exclusive=True, auto_delete=True)
         for t in codecs:
             await spy.bind(driver.exchanges["tensors"], driver.names.tensor_key("cdag", t))
 
         async def on_wire(message) -> None:
-            msg = decode(message.body)
-            wire[msg.tensor].append(msg)
+            frame = decode_frame(message.body)
+            for name in frame.arrays:
+                wire[name].append(frame)
 
         await spy.consume(on_wire, no_ack=True)
         try:
@@ -173,14 +174,16 @@ def test_compressed_cuts_travel_smaller_and_come_back_as_the_models_dtype(dag_sp
             await eventually(lambda: wire["stem:0"] and wire["branch_a:0"], timeout=10,
                              message="the spy queue saw both compressed cuts")
             stem, branch = wire["stem:0"][0], wire["branch_a:0"][0]
-            assert stem.codec == "int8" and stem.array.dtype == np.int8 and stem.scale > 0
-            assert branch.codec == "float16" and branch.array.dtype == np.float16 and branch.scale is None
-            assert stem.array.nbytes * 4 == 1 * 16 * 16 * 8 * 4  # a quarter of the float32 bytes on the wire
+            stem_codec, stem_scale = stem.codecs["stem:0"]
+            assert stem_codec == "int8" and stem.arrays["stem:0"].dtype == np.int8 and stem_scale > 0
+            assert branch.codecs["branch_a:0"] == ("float16", None)
+            assert branch.arrays["branch_a:0"].dtype == np.float16
+            assert stem.arrays["stem:0"].nbytes * 4 == 1 * 16 * 16 * 8 * 4  # a quarter of the float32 bytes
             # the int8 stem without its scale: refused with a clear error, dead-lettered; the server goes on
-            bad = TensorMessage(request_id="c-noscale", deployment="cdag", tensor="stem:0",
-                                array=np.zeros((1, 16, 16, 8), np.int8), codec="int8")
+            bad = encode_frame(TENSORS, {"rid": "c-noscale", "dep": "cdag", "rt": driver.id},
+                               {"stem:0": np.zeros((1, 16, 16, 8), np.int8)}, codecs={"stem:0": ("int8", None)})
             await driver.publisher.publish("tensors", driver.names.tensor_key("cdag", "stem:0"), bad,
-                                 headers={"request_id": "c-noscale"})
+                                           headers={"request_id": "c-noscale"})
             again = await driver.run_many(xs[:3], concurrency=2, prefix="c2")
             assert set(again) == {"c20", "c21", "c22"}
             await eventually(lambda: len(driver.errors) >= 2, timeout=10, interval=0.1,

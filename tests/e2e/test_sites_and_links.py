@@ -171,7 +171,7 @@ def test_crossing_hop_pays_rtt_and_bandwidth_and_run_time_change_applies(cluster
     for results, mbps in ((at20, 20), (at5, 5)):
         emulated = RTT + CUT_BYTES / (mbps * MBIT)
         crossing = [_hop(r, "part1").transfer_s for r in results]
-        back = [_hop(r, "result").transfer_s for r in results]
+        back = [_hop(r, "answer").transfer_s for r in results]
         same_site = [_hop(r, "part0").transfer_s for r in results]
         # a network probe may share the link with a tensor (FIFO): up to one probe's wire time more
         probe = 128 * 1024 / (mbps * MBIT)
@@ -246,4 +246,4 @@ def test_emulation_switched_off_at_run_time_adds_nothing(cluster):
 
     results = asyncio.run(go())
     assert statistics.median(_hop(r, "part1").transfer_s for r in results) < RTT / 2
-    assert statistics.median(_hop(r, "result").transfer_s for r in results) < RTT / 2
+    assert statistics.median(_hop(r, "answer").transfer_s for r in results) < RTT / 2

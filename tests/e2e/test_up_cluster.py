@@ -31,7 +31,7 @@ psutil = pytest.importorskip("psutil")
 
 from splitinfer.actors.result_store.store import ResultStore  # noqa: E402
 from splitinfer.actors.transport.topology import Names  # noqa: E402
-from splitinfer.client import Client, publish_job, subscribe_results  # noqa: E402
+from splitinfer.client import Client, ClientError, publish_job, subscribe_results  # noqa: E402
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
 from tests.support.broker import requires_broker  # noqa: E402
 from tests.support.cli import assert_one_line_error, cli, cli_many  # noqa: E402
@@ -145,9 +145,11 @@ def test_jobs_are_correct_answered_once_and_stored(cluster, deployed, reference)
         got = msg.outputs["predictions:0"]
         err = float(np.max(np.abs(got.astype(np.float64) - reference(x).astype(np.float64))))
         assert err <= TOL, (job_id, err)
-    # per-hop timings say where the time went: the job's trip, three parts on three servers, the hand-back
+    # per-hop timings say where the time went: three parts on three servers and the answer's trip back; through
+    # the Client the front end is not on the way: parts + 1 broker hops
     r0 = results[0]
-    assert r0.hops[0].part == "job" and r0.hops[-1].part == "result"
+    assert [h.part for h in r0.hops] == ["part0", "part1", "part2", "answer"]
+    assert all(h.via == "broker" for h in r0.hops) and "front_end" not in {h.server for h in r0.hops}
     parts = [(h.part, h.server) for h in r0.hops if h.part.startswith("part")]
     assert [p for p, _ in parts] == ["part0", "part1", "part2"]
     assert len({s for _, s in parts}) == 3
@@ -183,14 +185,22 @@ def test_bad_jobs_get_clear_errors_and_the_front_end_keeps_serving(cluster, depl
             async def answer(fut):
                 return await c.wait(fut, timeout=60)
 
+            def job(deployment, inputs):  # through the jobs queue: the front end validates it
+                return InferenceJob(deployment=deployment, inputs=inputs, reply_to=c.id)
+
+            bad = {"unknown": ("no-such-deployment", {INPUT: x}), "shape": (deployed.deployment, {INPUT: x[:, :100]}),
+                   "dtype": (deployed.deployment, {INPUT: x.astype(np.float64)}),
+                   "name": (deployed.deployment, {"bogus:0": x})}
             out = {
                 "late": await answer(await c.submit(deployed.deployment, x, deadline_s=0.001)),
-                "unknown": await answer(await c.submit("no-such-deployment", {INPUT: x})),
-                "shape": await answer(await c.submit(deployed.deployment, x[:, :100])),
-                "dtype": await answer(await c.submit(deployed.deployment, x.astype(np.float64))),
-                "name": await answer(await c.submit(deployed.deployment, {"bogus:0": x})),
+                **{key: await answer(await c.submit_job(job(*args))) for key, args in bad.items()},
                 "bytes": await answer(await c.submit_job(b"\xc1 not msgpack", job_id="raw-" + uuid.uuid4().hex)),
             }
+            # the Client itself refuses the same inputs at once, in one line, before sending anything
+            for key, (deployment, inputs) in bad.items():
+                with pytest.raises(ClientError) as refused:
+                    await c.submit(deployment, inputs)
+                assert "\n" not in str(refused.value) and str(refused.value), key
             good = await c.infer(deployed.deployment, x, deadline_s=60)
             # the same job id twice: one answer
             twice = InferenceJob(deployment=deployed.deployment, inputs={INPUT: x}, deadline_s=60, reply_to=c.id)
@@ -271,7 +281,7 @@ def test_cli_infer_status_results_and_one_line_errors(cluster, deployed, referen
     report = json.loads(infer_json.stdout)
     got = np.asarray(report["outputs"]["predictions:0"]["values"], dtype=np.float32)
     assert float(np.max(np.abs(got - reference(x)))) <= TOL
-    assert [h["part"] for h in report["hops"]] == ["job", "part0", "part1", "part2", "result"]
+    assert [h["part"] for h in report["hops"]] == ["part0", "part1", "part2", "answer"]
     assert infer_table.returncode == 0, infer_table.stderr
     assert "compute ms" in infer_table.stdout and "predictions:0" in infer_table.stdout, infer_table.stdout
 
@@ -285,6 +295,34 @@ def test_cli_infer_status_results_and_one_line_errors(cluster, deployed, referen
     assert status_table.returncode == 0, status_table.stderr
     assert "edgebox" in status_table.stdout and "queue depths" in status_table.stdout, status_table.stdout
     assert results_table.returncode == 0 and "result" in results_table.stdout, results_table.stdout
+
+
+def test_a_job_through_the_client_does_not_pass_through_the_front_end(cluster, deployed, reference):
+    """With the front end frozen (SIGSTOP), jobs through the Client still run: their inputs go straight to the
+    first part and their answers straight back (parts + 1 hops); a job through the jobs queue waits for it."""
+    [front] = [p for p in psutil.Process(cluster.up.pid).children(recursive=True)
+               if "splitinfer.actors.front_end" in " ".join(p.cmdline())]
+    xs = _inputs(4, seed=9)
+
+    async def go():
+        async with Client(cluster.settings) as c:
+            await c.infer(deployed.deployment, xs[0], deadline_s=60)  # the client knows the deployment
+            front.send_signal(signal.SIGSTOP)
+            try:
+                queued = await c.submit_job(InferenceJob(deployment=deployed.deployment, inputs={INPUT: xs[0]},
+                                                         deadline_s=60, reply_to=c.id))
+                direct = await asyncio.wait_for(
+                    asyncio.gather(*(c.infer(deployed.deployment, x, deadline_s=60) for x in xs)), 30)
+                assert not queued.done()  # the jobs queue's job waits for the frozen front end
+            finally:
+                front.send_signal(signal.SIGCONT)
+            return direct, await c.wait(queued, timeout=60)
+
+    direct, queued = asyncio.run(go())
+    for x, r in zip(xs, direct):
+        assert [h.part for h in r.hops] == ["part0", "part1", "part2", "answer"]
+        assert float(np.max(np.abs(r.outputs["predictions:0"] - reference(x)))) <= TOL
+    assert isinstance(queued, ResultMessage) and [h.part for h in queued.hops][0] == "job"
 
 
 def test_kill_9_of_the_front_end_with_jobs_in_flight_loses_none_and_the_supervisor_restarts_it(
@@ -305,8 +343,10 @@ def test_kill_9_of_the_front_end_with_jobs_in_flight_loses_none_and_the_supervis
     answers = asyncio.run(go())
     victim.wait(10)
     assert not victim.is_running()
-    restarted = [p for p in front_ends() if p.pid != victim.pid]
-    assert restarted, "the supervisor did not restart the front end"
+    # through the Client the answers do not wait for the front end (it is off the tensor path): they may all be in
+    # before the supervisor's restart of it, so wait for that
+    eventually_sync(lambda: [p for p in front_ends() if p.pid != victim.pid], timeout=30, interval=0.2,
+                    message="the supervisor restarted the front end")
     text = cluster.log.read_text()
     assert "front_end" in text and "restarting in" in text
     for x, a in zip(xs, answers):

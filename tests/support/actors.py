@@ -24,7 +24,8 @@ import numpy as np
 from splitinfer.actors.actor import Actor
 from splitinfer.actors.transport.topology import Names
 from splitinfer.config import Settings
-from splitinfer.messages import ErrorResult, TensorMessage, decode
+from splitinfer.messages import ErrorResult, decode
+from splitinfer.messages.frames import TENSORS, decode_frame, encode_frame, is_frame
 
 from tests.support import REPO
 from tests.support.broker import BROKER
@@ -186,40 +187,44 @@ class Driver(Actor):
         self.errors: list[ErrorResult] = []
         self.waiters: dict[str, asyncio.Future] = {}
         self.answered: collections.Counter = collections.Counter()
+        self.hops: dict[str, list] = {}  # request -> the hops of its answer (where its time went, batch sizes)
 
     async def setup(self) -> None:
         q = await self.channel.declare_queue(exclusive=True, auto_delete=True)
-        for t in self.manifest.outputs:
+        for t in self.manifest.outputs:  # final outputs that leave from several parts come as tensors
             await q.bind(self.exchanges["tensors"], self.names.tensor_key(self.deployment, t.name))
         await q.bind(self.exchanges["results"], "#")
         await self.consume(q, self._on_message)
 
     async def _on_message(self, message) -> None:
-        msg = decode(message.body)
         await self.deliveries.ack(message)
-        if isinstance(msg, ErrorResult):
+        if not is_frame(message.body):
+            msg = decode(message.body)
+            assert isinstance(msg, ErrorResult), msg
             self.errors.append(msg)
             fut = self.waiters.get(msg.job_id or "")
             if fut is not None and not fut.done():
                 fut.set_exception(AssertionError(f"error result for {msg.job_id}: {msg.code}: {msg.message}"))
             return
-        assert isinstance(msg, TensorMessage)
-        rid = msg.request_id
-        self.received[(rid, msg.tensor)] += 1
-        if msg.tensor in self.finals[rid]:
-            return  # a redelivered duplicate: the first result wins
-        self.finals[rid][msg.tensor] = msg.array
-        if len(self.finals[rid]) == len(self.manifest.outputs):
-            self.answered[rid] += 1
-            fut = self.waiters.get(rid)
-            if fut is not None and not fut.done():
-                fut.set_result(dict(self.finals[rid]))
+        frame = decode_frame(message.body)  # the answer (a result frame), or final outputs as tensor frames
+        rid = frame.request_id
+        self.hops.setdefault(rid, frame.hops)
+        for tensor, array in frame.arrays.items():
+            self.received[(rid, tensor)] += 1
+            if tensor in self.finals[rid]:
+                continue  # a redelivered duplicate: the first result wins
+            self.finals[rid][tensor] = array
+            if len(self.finals[rid]) == len(self.manifest.outputs):
+                self.answered[rid] += 1
+                fut = self.waiters.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(dict(self.finals[rid]))
 
     async def send(self, rid: str, inputs: dict[str, np.ndarray]) -> None:
+        meta = {"rid": rid, "job": rid, "dep": self.deployment, "rt": self.id, "err": self.id}
         for name, arr in inputs.items():
             await self.publisher.publish("tensors", self.names.tensor_key(self.deployment, name),
-                               TensorMessage(request_id=rid, deployment=self.deployment, tensor=name, array=arr),
-                               headers={"request_id": rid})
+                                         encode_frame(TENSORS, meta, {name: arr}), headers={"request_id": rid})
 
     async def infer(self, rid: str, inputs: dict[str, np.ndarray], timeout: float = 60.0) -> dict[str, np.ndarray]:
         fut = self.waiters[rid] = asyncio.get_running_loop().create_future()

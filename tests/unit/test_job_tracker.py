@@ -33,7 +33,7 @@ def test_a_job_completes_when_every_final_output_arrived_and_is_answered_once():
 
 
 def test_deadline_gives_one_error_naming_the_missing_outputs():
-    t = JobTracker(max_retries=0)
+    t = JobTracker(max_retries=0, grace_s=0.0)
     t.admit(job(outputs=("a:0", "b:0"), deadline_s=2.0), now=0.0)
     t.on_output("j1", "a:0", np.ones(1), [], "s1", now=0.5)
     retries, answers = t.tick(now=1.9)
@@ -43,6 +43,21 @@ def test_deadline_gives_one_error_naming_the_missing_outputs():
     assert answers[0].code == "deadline_exceeded" and "b:0" in answers[0].message and "a:0" not in answers[0].message
     assert t.tick(now=5.0) == ([], [])
     assert t.on_output("j1", "b:0", np.ones(1), [], "s2", now=5.0) is None
+
+
+def test_an_answer_a_part_published_ends_tracking_and_the_deadline_waits_its_grace():
+    t = JobTracker(max_retries=0, grace_s=0.5)
+    t.admit(job("a", deadline_s=2.0), now=0.0)
+    t.admit(job("b", deadline_s=2.0), now=0.0)
+    assert t.tick(now=2.2) == ([], [])            # past the deadline, within the grace: an answer may be on its way
+    ans = t.on_answered("a", now=2.3)              # it was: the part published it straight to the caller
+    assert ans is not None and ans.kind == "answered" and ans.latency_s == pytest.approx(2.3)
+    retries, answers = t.tick(now=2.5)
+    assert retries == [] and [(x.job.job_id, x.code) for x in answers] == [("b", "deadline_exceeded")]
+    assert t.on_answered("b", now=2.6) is None      # too late: b was answered once, with its error
+    # an answer heard before its job: the job's inputs arriving after it are known as answered
+    assert t.on_answered("c", now=3.0) is None and t.is_answered("c")
+    assert t.admit(job("c"), now=3.1).code == "duplicate_job"
 
 
 def test_a_job_late_on_arrival_is_answered_at_once():
@@ -91,7 +106,7 @@ def test_an_error_from_a_server_answers_the_job_and_unknown_ids_are_ignored():
 
 
 def test_next_wakeup_is_the_nearest_deadline_or_retry():
-    t = JobTracker()
+    t = JobTracker(grace_s=0.0)
     assert t.next_wakeup(now=0.0) == 1.0
     t.admit(job("a", deadline_s=10.0, attempt_timeout_s=4.0), now=0.0)
     t.admit(job("b", deadline_s=3.0, attempt_timeout_s=5.0), now=0.0)

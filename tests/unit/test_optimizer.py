@@ -4,7 +4,6 @@ re-prediction, the front end's view of who is down. No broker (`splitinfer plan`
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import pytest

@@ -1,10 +1,18 @@
-"""The front end actor: inference jobs in, one answer per job out.
+"""The front end actor: every job answered once, while staying off the tensor path.
 
-Flow: consume `<ns>.jobs`, validate the job against the deployment's manifest (for a model deployment, choose the
-plan from its plan table by the job's requirements, the device's battery and which servers heartbeat), publish
-its input tensors to `<ns>.tensors` (key `<deployment>.<tensor>`, header request_id), collect the final outputs on
-a queue of its own bound to the final tensors' keys, and publish one ResultMessage (outputs + per-hop timings) or
-one ErrorResult to `<ns>.results` with routing key reply_to. The bookkeeping is `tracker.JobTracker`.
+Two ways in:
+- the Client sends a job's input tensors to its first parts itself (it chose the plan), and a notice (the job's
+  meta, no tensors) to the front end's `<ns>.inflight` queue: the front end tracks the job's deadline from it and
+  acks the notice once the job is answered; the Client holds the inputs and re-sends them when a retry is due;
+- a job published to `<ns>.jobs` (an InferenceJob): the front end validates it against the deployment's manifest,
+  chooses the plan of a model deployment, publishes its input tensors to `<ns>.tensors` itself, retries it, and
+  acks the job once it is answered.
+
+The answer does not pass through the front end: the part that produces the final outputs publishes them once to
+`<ns>.results` with the caller's key, where the caller, the result store and the front end's `answers` queue all
+read it (bindings, not a relay). The front end publishes an answer only when it must: an error (a part's error,
+a job that cannot run, a deadline passed with its grace), or the result of a deployment whose final outputs leave
+from several parts, which it assembles. The bookkeeping is `tracker.JobTracker`.
 
     python -m splitinfer.actors.front_end [--id front_end] [--site SITE]
 """
@@ -20,38 +28,39 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from splitinfer.actors.actor import Actor, run_actor
 from splitinfer.actors.front_end.tracker import Answer, JobTracker, PendingJob, redelivered_request_id
-from splitinfer.actors.front_end.watch import ServerWatch
+from splitinfer.actors.front_end.watch import ServerWatch, route
 from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.monitors import NetworkMonitor, follow_links
+from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.transport import Stopped, Unroutable, first_line, header_str
 from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, queue_arguments
 from splitinfer.messages import (
     Deregister,
     ErrorResult,
     Heartbeat,
-    Hop,
     InferenceJob,
     MessageError,
     PlanTableMessage,
-    Requirements,
-    ResultMessage,
-    TensorMessage,
-    check_tensor,
+    Register,
     decode,
     decompress_array,
     plan_deployment_name,
 )
+from splitinfer.messages.frames import RESULT, TENSORS, decode_frame, encode_frame, is_frame
 from splitinfer.monitor.links import LinkEmulator
-from splitinfer.planner import PlanError, PlanTable, choose_plan
+from splitinfer.planner import PlanTable
 from splitinfer.splitter.manifest import Manifest
 
 TICK_MAX_S = 0.25
 POOL_TIMEOUT_S = 5.0  # a job waits at most this long for the pool to say what its deployment takes
 
 
-class FrontEnd(Actor):
-    """Consumes `<ns>.jobs`; answers each job once on `<ns>.results` (key reply_to or job id)."""
+def answers_alone(manifest: Manifest) -> bool:
+    """One part produces every final output: it answers jobs itself (else the front end assembles the answer)."""
+    return any(set(manifest.output_names) <= {o.name for o in p.outputs} for p in manifest.parts)
 
+
+class FrontEnd(Actor):
     kind = "front_end"
 
     def __init__(self, actor_id: str = "front_end", settings=None, site: str = ""):
@@ -59,6 +68,7 @@ class FrontEnd(Actor):
         super().__init__(actor_id, settings, site=site)
         self.links = LinkEmulator.from_settings(self.settings)
         self.pool = PoolClient(self.rpc, self.settings.pool_chunk_bytes)
+        self.registry = RegistryClient(self.rpc)
         self.tracker = JobTracker()
         self.manifests: dict[str, Manifest] = {}
         self.plans: dict[str, PlanTable] = {}           # model deployment -> its plan table
@@ -73,34 +83,86 @@ class FrontEnd(Actor):
 
     @property
     def internal_reply_to(self) -> str:
-        """reply_to carried by the tensors we send: a model server's error about them comes back here (not to the
-        user), and the front end turns it into the job's one answer."""
+        """Where parts send errors about the requests of the jobs this front end tracks (not to the caller): the
+        front end turns such an error into the job's one answer."""
         return f"{INTERNAL_REPLY_PREFIX}{self.id}"
 
     async def setup(self) -> None:
         assert self.channel is not None
+        results, control = self.exchanges["results"], self.exchanges["control"]
         self.inbox = await self.channel.declare_queue(self.inbox_name, exclusive=True, auto_delete=True)
-        await self.inbox.bind(self.exchanges["results"], routing_key=self.names.result_key(self.internal_reply_to))
-        # errors any actor publishes also go to control error.<actor>: catches the ones without our reply_to
-        await self.inbox.bind(self.exchanges["control"], routing_key="error.*")
+        await self.inbox.bind(results, routing_key=self.names.result_key(self.internal_reply_to))
+        await self.inbox.bind(control, routing_key="error.*")  # errors any actor publishes that name no reply_to
         await self.consume(self.inbox, self.on_inbox)
+        answers = await self.channel.declare_queue(f"{self.inbox_name}.answers", exclusive=True, auto_delete=True)
+        await answers.bind(results, routing_key="#")
+        await self.consume(answers, self.on_answer)
+        inflight = await self.channel.declare_queue(
+            self.names.inflight, durable=True,
+            arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
+        await self.consume(inflight, self.on_notice, prefetch=self.settings.max_inflight_jobs)
         jobs = await self.channel.declare_queue(
             self.names.jobs, durable=True,
             arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
-        await self.consume(jobs, self.on_job)
-        # heartbeats (who is down, the device's battery) and pushed plan tables, for the choice of a plan per job
+        await self.consume(jobs, self.on_job, prefetch=self.settings.max_inflight_jobs)
+        # heartbeats (who is down, who hosts what, the device's battery) and pushed plan tables
         watch = await self.channel.declare_queue(f"{self.inbox_name}.watch", exclusive=True, auto_delete=True)
-        for key in ("heartbeat.*", "deregister.*", "plans.*"):
-            await watch.bind(self.exchanges["control"], routing_key=key)
+        for key in ("register.*", "heartbeat.*", "deregister.*", "plans.*"):
+            await watch.bind(control, routing_key=key)
         await self.consume(watch, self.on_watch)
         self.spawn(self._timer_loop(), name="deadlines")
         await follow_links(self)  # SetLinks orders, network probes
         NetworkMonitor(self).start()
-        self.log("serving", jobs=self.names.jobs, inbox=self.inbox_name)
+        self.log("serving", jobs=self.names.jobs, inflight=self.names.inflight, inbox=self.inbox_name)
 
-    # ------------------------------------------------------------------ jobs in
+    # ------------------------------------------------------------------ jobs the Client sent itself (notices)
+    async def on_notice(self, message: AbstractIncomingMessage) -> None:
+        """A Client sent a job's inputs to its parts: track the job's deadline (its retries are the Client's, which
+        holds the inputs); answer `not_deployed` at once when nothing serves its deployment."""
+        now = asyncio.get_running_loop().time()
+        try:
+            frame = decode_frame(message.body, self.settings.max_message_bytes)
+        except MessageError as exc:
+            await self.dead_letter(message, exc)
+            return
+        meta = frame.meta
+        job_id = frame.job_id
+        if self.tracker.another_attempt(job_id, frame.request_id) or self.tracker.is_answered(job_id):
+            await self.deliveries.ack(message)  # a retry's notice, or its answer came first: nothing new to track
+            return
+        budget = meta.get("budget", self.settings.job_deadline_s)
+        job = PendingJob(
+            job_id=job_id, deployment=meta.get("model") or frame.deployment, reply_to=meta.get("rt") or job_id,
+            inputs={}, final_outputs=[], received_at=now, deadline=now + budget, attempt_timeout_s=budget,
+            ack=[message],
+            first_request_id=frame.request_id if frame.request_id != job_id else None, route=frame.deployment,
+            plan=meta.get("plan"), error_to=meta.get("err", ""))
+        early = self.tracker.admit(job, now, retries=False)
+        if early is not None:
+            await self._answer(early)
+        elif not await self._served(frame.deployment):
+            answer = self.tracker.on_error(job.request_id, "not_deployed",
+                                           f"no live server serves deployment {frame.deployment} (load its parts)")
+            if answer is not None:
+                await self._answer(answer)
+        else:
+            self._wake.set()
+
+    async def _served(self, deployment: str) -> bool:
+        """Whether a live server hosts part of the deployment: the heartbeats say so, else the registry does (it
+        hears a server's registration before the server answers a load order, so a job sent right after a deploy
+        is not refused)."""
+        if self.servers.hosted(deployment):
+            return True
+        try:
+            return bool(await self.registry.who_hosts(deployment=deployment, timeout=POOL_TIMEOUT_S))
+        except Exception as exc:  # no registry to ask: let the job run, its deadline bounds it
+            self.log.warning("registry_unavailable", error=first_line(exc))
+            return True
+
+    # ------------------------------------------------------------------ jobs from the jobs queue
     async def on_job(self, message: AbstractIncomingMessage) -> None:
-        received, received_wall = time.monotonic(), time.time()
+        now, received_wall = asyncio.get_running_loop().time(), time.time()
         try:
             job = self.decode(message, expect=InferenceJob)
         except MessageError as exc:
@@ -114,7 +176,7 @@ class FrontEnd(Actor):
             if pending is not None and message.redelivered:
                 # our channel was lost and the broker handed the job back: the old delivery tag is dead, so this
                 # is the one to ack when the answer goes out
-                pending.ack = message
+                pending.ack = [message]
             else:
                 self.log.warning("duplicate_job_dropped", job_id=job.job_id, redelivered=message.redelivered)
                 await self.deliveries.ack(message)
@@ -123,11 +185,11 @@ class FrontEnd(Actor):
         if manifest is None:
             await self._reject(message, job, reply_to, *problem)
             return
-        bad = self._check_inputs(job, manifest)
+        bad = manifest.check_inputs(job.inputs)
         if bad is not None:
-            await self._reject(message, job, reply_to, *bad)
+            await self._reject(message, job, reply_to, bad[0], f"deployment {job.deployment}: {bad[1]}")
             return
-        route, plan_id, problem = self._route(job.deployment, job.requirements)
+        to, plan_id, problem = route(job.deployment, self.plans.get(job.deployment), job.requirements, self.servers)
         if problem is not None:
             await self._reject(message, job, reply_to, *problem)
             return
@@ -137,58 +199,20 @@ class FrontEnd(Actor):
         remaining = min(deadline_s, job.submitted_at + deadline_s - received_wall)
         pending = PendingJob(
             job_id=job.job_id, deployment=job.deployment, reply_to=reply_to, inputs=dict(job.inputs),
-            final_outputs=manifest.output_names, received_at=received, deadline=received + remaining,
-            attempt_timeout_s=max(0.05, deadline_s * self.tracker.retry_share), ack=message,
+            final_outputs=manifest.output_names, received_at=now, deadline=now + remaining,
+            attempt_timeout_s=max(0.05, deadline_s * self.tracker.retry_share), ack=[message],
             first_request_id=redelivered_request_id(job.job_id) if message.redelivered else None,
-            route=route, plan=plan_id, requirements=job.requirements,
-        )
+            route=to, plan=plan_id, requirements=job.requirements, error_to=self.internal_reply_to)
         # the first hop: the job's trip from the submitter to here (clocks of one machine; across machines it
         # includes their offset, so it is clamped at 0)
-        pending.timings["(job)"] = [Hop(part="job", server=self.id,
-                                        transfer_s=max(0.0, received_wall - job.submitted_at),
-                                        finished_at=received_wall)]
-        early = self.tracker.admit(pending, received)
+        pending.timings["(job)"] = [["job", self.id, max(0.0, received_wall - job.submitted_at), 0.0, 0.0, 0.0, 1,
+                                     received_wall, "broker"]]
+        early = self.tracker.admit(pending, now)
         if early is not None:
             await self._answer(early)
             return
         await self._send_inputs(pending)
         self._wake.set()
-
-    def _route(self, deployment: str, requirements: Requirements) -> tuple[str, str | None, tuple[str, str] | None]:
-        """(deployment to send to, plan id, None) or (.., .., (code, reason)). A model deployment's plan comes from
-        its table by the job's requirements, with the device's reported battery when the job gives none, avoiding
-        servers that stopped heartbeating (the fallback when a server of the best plan is down)."""
-        table = self.plans.get(deployment)
-        if table is None:
-            return deployment, None, None
-        battery = requirements.battery if requirements.battery is not None else self.servers.battery(table.client)
-        try:
-            plan = choose_plan(table, requirements.max_latency_s, battery, requirements.min_fidelity,
-                               self.servers.down(table.servers))
-        except PlanError as exc:
-            return deployment, None, ("no_plan", str(exc))
-        return plan_deployment_name(deployment, plan.id), plan.id, None
-
-    def _check_inputs(self, job: InferenceJob, manifest: Manifest) -> tuple[str, str] | None:
-        want = [t.name for t in manifest.inputs]
-        missing = [n for n in want if n not in job.inputs]
-        extra = [n for n in job.inputs if n not in want]
-        if missing or extra:
-            return ("bad_inputs", f"deployment {job.deployment} takes inputs {want}; "
-                                  f"missing {missing}, unexpected {extra}")
-        batch = None
-        for spec in manifest.inputs:
-            arr = job.inputs[spec.name]
-            try:
-                check_tensor(arr, spec.shape, spec.dtype, name=f"input {spec.name}", job_id=job.job_id)
-            except MessageError as exc:
-                return exc.code, exc.reason
-            if arr.ndim and batch is not None and arr.shape[0] != batch:
-                return "wrong_shape", f"input {spec.name}: batch {arr.shape[0]}, other inputs have {batch}"
-            batch = arr.shape[0] if arr.ndim else batch
-        if batch == 0:
-            return "wrong_shape", "inputs have an empty batch"
-        return None
 
     async def _reject(self, message: AbstractIncomingMessage, job: InferenceJob, reply_to: str, code: str,
                       reason: str) -> None:
@@ -200,118 +224,137 @@ class FrontEnd(Actor):
         await self.deliveries.reject(message)
 
     async def _send_inputs(self, job: PendingJob) -> None:
+        """The job's inputs as one frame each to `<ns>.tensors`, under the attempt's request id."""
         rid = job.request_id
-        route = job.route or job.deployment
-        wall_deadline = time.time() + max(0.0, job.deadline - time.monotonic())
-        sends = [
-            self.publisher.publish(
-                "tensors", self.names.tensor_key(route, name),
-                TensorMessage(request_id=rid, deployment=route, tensor=name, array=arr, server=self.id,
-                              deadline=wall_deadline, reply_to=self.internal_reply_to, site=self.site),
-                headers={"request_id": rid, "reply_to": self.internal_reply_to})
-            for name, arr in job.inputs.items()
-        ]
+        to = job.route or job.deployment
+        meta = {"rid": rid, "job": job.job_id, "dep": to, "srv": self.id, "site": self.site, "origin": self.site,
+                "rt": job.reply_to,
+                "err": job.error_to or self.internal_reply_to, "sent": time.time(),
+                "budget": max(0.0, job.deadline - asyncio.get_running_loop().time()),
+                "hops": [h for hops in job.timings.values() for h in hops]}
+        if job.plan is not None:
+            meta.update(model=job.deployment, plan=job.plan)
+        headers = {"request_id": rid, "reply_to": meta["err"]}
+        sends = [self.publisher.publish("tensors", self.names.tensor_key(to, name),
+                                        encode_frame(TENSORS, meta, {name: arr}), headers=headers)
+                 for name, arr in job.inputs.items()]
         results = await asyncio.gather(*sends, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             exc = failed[0]
             if isinstance(exc, Unroutable):
-                code, reason = "not_deployed", f"no server serves an input of deployment {route} (load its parts first)"
+                code, reason = "not_deployed", f"no server serves an input of deployment {to} (load its parts first)"
             else:
                 code, reason = "publish_failed", f"could not send the inputs: {first_line(exc)}"
             answer = self.tracker.on_error(rid, code, reason)
             if answer is not None:
                 await self._answer(answer)
         else:
-            self.log("job_sent", job_id=job.job_id, request_id=rid, attempt=job.attempt, route=route)
+            self.log("job_sent", job_id=job.job_id, request_id=rid, attempt=job.attempt, route=to)
 
-    # ------------------------------------------------------------------ outputs and errors back
+    # ------------------------------------------------------------------ answers, errors, assembled outputs
+    async def on_answer(self, message: AbstractIncomingMessage) -> None:
+        """Every answer on `<ns>.results`: a tracked job is answered, its deliveries are acked."""
+        await self.deliveries.ack(message)  # exclusive queue: the answer itself is kept by the result store
+        if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
+            return  # a part's error for us: the inbox takes it
+        job_id = _answer_job_id(message.body, self.settings.max_message_bytes)
+        if job_id is None:
+            return
+        answer = self.tracker.on_answered(job_id)
+        if answer is not None:
+            await self._settle(answer)
+
     async def on_inbox(self, message: AbstractIncomingMessage) -> None:
         await self.deliveries.ack(message)  # exclusive queue: nothing to hand back if we die; the job is still unacked
-        key = message.routing_key or ""
-        if message.exchange != self.names.tensors:  # an error: from results (our reply_to) or control error.*
-            if key == self.names.error_key(self.id):
-                return
-            try:
-                err = decode(message.body, max_bytes=self.settings.max_message_bytes, expect=ErrorResult)
-            except MessageError:
-                return
-            if not err.job_id:
-                return
+        if message.exchange == self.names.tensors:
+            await self._on_final_output(message)
+            return
+        if (message.routing_key or "") == self.names.error_key(self.id):
+            return
+        try:
+            err = decode(message.body, max_bytes=self.settings.max_message_bytes, expect=ErrorResult)
+        except MessageError:
+            return
+        if err.job_id:
             answer = self.tracker.on_error(err.job_id, err.code, f"{err.message} (at {err.where})")
             if answer is not None:
                 await self._answer(answer)
-            return
-        try:
-            msg = self.decode(message, expect=TensorMessage)
-        except MessageError as exc:
-            self.log.warning("bad_output", error=exc.reason, key=key)
-            return
-        assert isinstance(msg, TensorMessage)
-        # link emulation: a final output from another site arrives RTT + bytes/bandwidth later (0 when off)
-        delay = self.links.delay(msg.site, self.site, msg.array.nbytes, time.time())
-        if delay > 0:
-            await asyncio.sleep(delay)
-        array = msg.array
-        if msg.codec is not None:  # a plan that sends the final output compressed: the user gets the model's dtype
-            manifest = self.manifests.get(msg.deployment)
-            dtype = next((t.dtype for t in manifest.outputs if t.name == msg.tensor), "float32") if manifest \
-                else "float32"
-            try:
-                array = decompress_array(msg.array, msg.codec, msg.scale, dtype)
-            except MessageError as exc:
-                answer = self.tracker.on_error(msg.request_id, exc.code, f"{msg.tensor}: {exc.reason}")
-                if answer is not None:
-                    await self._answer(answer)
-                return
-        received = time.time()
-        hops = [*msg.hops, Hop(part="result", server=self.id, transfer_s=max(0.0, received - msg.sent_at),
-                               finished_at=received)]
-        answer = self.tracker.on_output(msg.request_id, msg.tensor, array, hops, msg.server or None)
-        if answer is not None:
-            await self._answer(answer)
 
-    async def _answer(self, answer: Answer, publish: bool = True) -> None:
+    async def _on_final_output(self, message: AbstractIncomingMessage) -> None:
+        """A final output of a deployment whose outputs leave from several parts: part of an answer to assemble."""
+        try:
+            frame = decode_frame(message.body, self.settings.max_message_bytes)
+        except MessageError as exc:
+            self.log.warning("bad_output", error=exc.reason, key=message.routing_key)
+            return
+        manifest = self.manifests.get(frame.deployment)
+        dtypes = {t.name: t.dtype for t in manifest.outputs} if manifest else {}
+        for name, array in frame.arrays.items():
+            if name in frame.codecs:
+                codec, scale = frame.codecs[name]
+                try:
+                    array = decompress_array(array, codec, scale, dtypes.get(name, "float32"))
+                except MessageError as exc:
+                    answer = self.tracker.on_error(frame.request_id, exc.code, f"{name}: {exc.reason}")
+                    if answer is not None:
+                        await self._answer(answer)
+                    return
+            answer = self.tracker.on_output(frame.request_id, name, array, frame.hops, frame.meta.get("srv"))
+            if answer is not None:
+                await self._answer(answer)
+
+    async def _answer(self, answer: Answer) -> None:
+        """Publish what the front end must answer itself (an error, an assembled result), then settle the job."""
         job = answer.job
         key = self.names.result_key(job.reply_to or job.job_id)
         try:
-            if publish and answer.kind == "result":
-                msg = ResultMessage(job_id=job.job_id, deployment=job.deployment, outputs=job.outputs,
-                                    hops=_merge_hops(job), latency_s=answer.latency_s, served_by=job.served_by,
-                                    plan=job.plan, plan_deployment=job.route if job.plan else None)
-                await self.publisher.publish("results", key, msg, mandatory=False)
-            elif publish:
+            if answer.kind == "result":
+                hops = sorted({tuple(h[:2]) + (h[7],): h for hs in job.timings.values() for h in hs}.values(),
+                              key=lambda h: h[7])
+                meta = {"rid": job.request_id, "job": job.job_id, "dep": job.route or job.deployment,
+                        "srv": self.id, "site": self.site, "sent": time.time(), "hops": [list(h) for h in hops]}
+                if job.plan is not None:
+                    meta.update(model=job.deployment, plan=job.plan)
+                await self.publisher.publish("results", key, encode_frame(RESULT, meta, job.outputs), mandatory=False)
+            elif answer.kind == "error":
                 await self.publish_error(job.job_id, answer.code or "error", answer.message or "",
                                          reply_to=job.reply_to, deployment=job.deployment, plan=job.plan)
         except Exception as exc:  # the answer could not be confirmed: hand the job back for a new try
             self.log.error("answer_failed", job_id=job.job_id, error=first_line(exc))
             self.tracker.answered.pop(job.job_id, None)
-            if job.ack is not None:
-                await self.deliveries.requeue(job.ack)
+            for m in job.ack:
+                await self.deliveries.requeue(m)
             return
-        if answer.kind == "result":
-            self.stats["processed"] += 1
-        else:
+        await self._settle(answer)
+
+    async def _settle(self, answer: Answer) -> None:
+        job = answer.job
+        if answer.kind == "error":
             self.stats["errors"] += 1
+        else:
+            self.stats["processed"] += 1
         self.log("job_answered", job_id=job.job_id, kind=answer.kind, code=answer.code,
                  latency_ms=round(answer.latency_s * 1e3, 2), attempts=job.attempt + 1)
-        if job.ack is not None:
-            await self.deliveries.ack(job.ack)
+        for m in job.ack:
+            await self.deliveries.ack(m)
 
     # ------------------------------------------------------------------ deadlines and retries
     async def _timer_loop(self) -> None:
         while not self.stopping:
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(TICK_MAX_S, self.tracker.next_wakeup()))
-            retries, answers = self.tracker.tick()
+                await asyncio.wait_for(self._wake.wait(), min(TICK_MAX_S, self.tracker.next_wakeup(
+                    asyncio.get_running_loop().time())))
+            retries, answers = self.tracker.tick(asyncio.get_running_loop().time())
             for answer in answers:
                 await self._answer(answer)
             for job in retries:
-                if job.plan is not None:  # a model deployment: the best plan may have changed (a server died)
-                    route, plan_id, problem = self._route(job.deployment, job.requirements)
+                if job.plan is not None and job.deployment in self.plans:  # the best plan may have changed
+                    to, plan_id, problem = route(job.deployment, self.plans.get(job.deployment), job.requirements,
+                                                 self.servers)
                     if problem is None:
-                        job.route, job.plan = route, plan_id
+                        job.route, job.plan = to, plan_id
                 self.log.warning("job_retry", job_id=job.job_id, request_id=job.request_id, route=job.route)
                 await self._send_inputs(job)
 
@@ -344,12 +387,14 @@ class FrontEnd(Actor):
             return manifest, None
 
     async def _listen(self, deployment: str, manifest: Manifest) -> None:
+        """Know the deployment; when its final outputs leave from several parts, take them in to assemble."""
         assert self.inbox is not None
-        for name in manifest.output_names:
-            await self.inbox.bind(self.exchanges["tensors"], routing_key=self.names.tensor_key(deployment, name))
+        if not answers_alone(manifest):
+            for name in manifest.output_names:
+                await self.inbox.bind(self.exchanges["tensors"], routing_key=self.names.tensor_key(deployment, name))
         self.manifests[deployment] = manifest
         self.log("deployment_known", deployment=deployment, inputs=[t.name for t in manifest.inputs],
-                 outputs=manifest.output_names)
+                 outputs=manifest.output_names, assembled_here=not answers_alone(manifest))
 
     async def _load_model(self, model: str) -> tuple[Manifest | None, tuple[str, str] | None]:
         """A model deployment: its plan table, and every plan's manifest (all plans take and give the same tensors;
@@ -379,12 +424,14 @@ class FrontEnd(Actor):
         await self.deliveries.ack(message)  # exclusive queue: state is refreshed by the next message anyway
         try:
             msg = decode(message.body, max_bytes=self.settings.max_message_bytes,
-                         expect=(Heartbeat, Deregister, PlanTableMessage))
+                         expect=(Register, Heartbeat, Deregister, PlanTableMessage))
         except MessageError as exc:
             self.log.warning("bad_control", error=exc.reason)
             return
         if isinstance(msg, Heartbeat):
-            self.servers.heartbeat(msg.actor_id, msg.state)
+            self.servers.heartbeat(msg.actor_id, msg.state, parts=msg.parts)
+        elif isinstance(msg, Register):
+            self.servers.registered(msg.actor_id, msg.parts)
         elif isinstance(msg, Deregister):
             self.servers.deregister(msg.actor_id)
         elif msg.name in self.plans:
@@ -407,16 +454,15 @@ class FrontEnd(Actor):
         self.manifests.pop(msg.name, None)
 
 
-def _merge_hops(job: PendingJob) -> list[Hop]:
-    """The hops behind every final output, each once, in the order they finished."""
-    seen, out = set(), []
-    for hops in job.timings.values():
-        for h in hops:
-            key = (h.part, h.server, h.finished_at)
-            if key not in seen:
-                seen.add(key)
-                out.append(h)
-    return sorted(out, key=lambda h: h.finished_at)
+def _answer_job_id(body: bytes, max_bytes: int) -> str | None:
+    """The job an answer on `<ns>.results` is for (a result frame or an ErrorResult), None if it names none."""
+    try:
+        if is_frame(body):
+            return decode_frame(body, max_bytes).job_id
+        msg = decode(body, max_bytes=max_bytes, expect=ErrorResult)
+        return msg.job_id
+    except MessageError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,10 @@
 - a job past its deadline is answered with a `deadline_exceeded` error, also one that was already late on arrival;
 - if an attempt produced nothing after a share of the deadline (retry.JOB_RETRY_SHARE), it is re-sent under a new
   request id (at most retry.JOB_RETRIES times) while the deadline still allows it;
+- the answer usually comes from the part that produces it, straight to the caller: the tracker only hears of it
+  (`on_answered`) and stops tracking; it builds a result itself only for a deployment whose final outputs leave
+  from several parts (`on_output`), and answers errors and deadlines (a deadline once its grace has passed too, so
+  a late answer on its way is not contradicted);
 - the first complete result or error wins; whatever arrives for an answered job is dropped (bounded memory).
 """
 
@@ -17,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitinfer.actors.transport.retry import JOB_RETRIES, JOB_RETRY_SHARE
+from splitinfer.actors.transport.retry import DEADLINE_GRACE_S, JOB_RETRIES, JOB_RETRY_SHARE
 
 RETRY_SEP = "~"
 ANSWERED_MEMORY = 10_000
@@ -40,7 +44,7 @@ class PendingJob:
     job_id: str
     deployment: str
     reply_to: str
-    inputs: dict[str, Any]
+    inputs: dict[str, Any]        # what a retry sends again: arrays (a job from the jobs queue) or input frames
     final_outputs: list[str]
     received_at: float            # monotonic
     deadline: float               # monotonic
@@ -54,7 +58,10 @@ class PendingJob:
     outputs: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, list] = field(default_factory=dict)   # tensor -> hops that produced it
     served_by: list[str] = field(default_factory=list)
-    ack: Any = None               # whatever the transport needs to ack the job message once answered
+    ack: list = field(default_factory=list)  # the deliveries to ack once the job is answered
+    error_to: str = ""            # where the parts send errors about this job
+    resend: bool = True           # the tracker re-sends it (else its sender does, and says so: another_attempt)
+    requests: list[str] = field(default_factory=list)  # request ids of attempts its sender made
 
     @property
     def request_id(self) -> str:
@@ -66,16 +73,18 @@ class Answer:
     """What the transport must publish for a job: a result (outputs) or an error."""
 
     job: PendingJob
-    kind: str                     # "result" | "error"
+    kind: str                     # "result" | "error" to publish, or "answered": published by a part already
     code: str | None = None
     message: str | None = None
     latency_s: float = 0.0
 
 
 class JobTracker:
-    def __init__(self, max_retries: int = JOB_RETRIES, retry_share: float = JOB_RETRY_SHARE):
+    def __init__(self, max_retries: int = JOB_RETRIES, retry_share: float = JOB_RETRY_SHARE,
+                 grace_s: float = DEADLINE_GRACE_S):
         self.max_retries = max_retries
         self.retry_share = retry_share
+        self.grace_s = grace_s
         self.pending: dict[str, PendingJob] = {}        # job_id -> job
         self.by_request: dict[str, str] = {}            # request id of every attempt of a pending job -> job_id
         self.answered: OrderedDict[str, None] = OrderedDict()
@@ -84,8 +93,9 @@ class JobTracker:
     def is_answered(self, job_id: str) -> bool:
         return job_id in self.answered
 
-    def admit(self, job: PendingJob, now: float | None = None) -> Answer | None:
-        """Register a job; an Answer (error) if it cannot run: already answered, duplicate or already late."""
+    def admit(self, job: PendingJob, now: float | None = None, retries: bool = True) -> Answer | None:
+        """Register a job; an Answer (error) if it cannot run: already answered, duplicate or already late.
+        `retries=False`: its sender re-sends it (a Client's job): track its deadline only."""
         now = time.monotonic() if now is None else now
         if job.job_id in self.answered or job.job_id in self.pending:
             return Answer(job, "error", "duplicate_job", f"job {job.job_id} was already submitted")
@@ -93,9 +103,20 @@ class JobTracker:
             return self._finish(job, Answer(job, "error", "deadline_exceeded",
                                             f"job {job.job_id} reached the front end after its deadline"), now)
         job.attempt_started = now
+        job.resend = retries
         self.pending[job.job_id] = job
         self.by_request[job.request_id] = job.job_id
         return None
+
+    def another_attempt(self, job_id: str, request_id: str) -> bool:
+        """The sender of a job it re-sends itself tried again under `request_id`: that attempt's errors are the
+        job's too. False when the job is not tracked."""
+        job = self.pending.get(job_id)
+        if job is None:
+            return False
+        job.requests.append(request_id)
+        self.by_request[request_id] = job_id
+        return True
 
     def _job_of(self, request_id: str) -> PendingJob | None:
         """The pending job a request id belongs to, any attempt (a late first attempt's output is the same work)."""
@@ -119,6 +140,16 @@ class JobTracker:
             return self._finish(job, Answer(job, "result"), now)
         return None
 
+    def on_answered(self, job_id: str, now: float | None = None) -> Answer | None:
+        """A part answered the job itself (its result reached the results exchange): stop tracking it. An answer
+        for a job not (yet) tracked is remembered, so the job's inputs arriving after it are not sent again."""
+        job = self.pending.get(job_id)
+        if job is None:
+            self._remember(job_id)
+            return None
+        now = time.monotonic() if now is None else now
+        return self._finish(job, Answer(job, "answered"), now)
+
     def on_error(self, request_id: str, code: str, message: str, now: float | None = None) -> Answer | None:
         job = self._job_of(request_id)
         if job is None:
@@ -132,13 +163,13 @@ class JobTracker:
         now = time.monotonic() if now is None else now
         retries, answers = [], []
         for job in list(self.pending.values()):
-            if now >= job.deadline:
+            if now >= job.deadline + self.grace_s:
                 answers.append(self._finish(job, Answer(
                     job, "error", "deadline_exceeded",
                     f"job {job.job_id} got no result within its deadline of {job.deadline - job.received_at:.3g}s "
                     f"({job.attempt + 1} attempt{'s' if job.attempt else ''}; "
                     f"outputs missing: {', '.join(t for t in job.final_outputs if t not in job.outputs)})"), now))
-            elif (job.attempt < self.max_retries and not job.outputs
+            elif (job.resend and job.attempt < self.max_retries and not job.outputs
                   and now - job.attempt_started >= job.attempt_timeout_s):
                 job.attempt += 1
                 job.attempt_started = now
@@ -148,9 +179,9 @@ class JobTracker:
 
     def next_wakeup(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        times = [j.deadline for j in self.pending.values()]
+        times = [j.deadline + self.grace_s for j in self.pending.values()]
         times += [j.attempt_started + j.attempt_timeout_s for j in self.pending.values()
-                  if j.attempt < self.max_retries and not j.outputs]
+                  if j.resend and j.attempt < self.max_retries and not j.outputs]
         return max(0.0, min(times) - now) if times else 1.0
 
     # -- bookkeeping
@@ -158,8 +189,14 @@ class JobTracker:
         self.pending.pop(job.job_id, None)
         for k in range(job.attempt + 1):
             self.by_request.pop(attempt_request_id(job.job_id, k, job.first_request_id), None)
-        self.answered[job.job_id] = None
-        while len(self.answered) > ANSWERED_MEMORY:
-            self.answered.popitem(last=False)
+        for rid in job.requests:
+            self.by_request.pop(rid, None)
+        self._remember(job.job_id)
         answer.latency_s = now - job.received_at
         return answer
+
+    def _remember(self, job_id: str) -> None:
+        self.answered[job_id] = None
+        self.answered.move_to_end(job_id)
+        while len(self.answered) > ANSWERED_MEMORY:
+            self.answered.popitem(last=False)

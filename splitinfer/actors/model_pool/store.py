@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class PoolStore:
         self.root = Path(root)
         self.chunk_bytes = chunk_bytes
         self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._lock = threading.Lock()  # chunks of one file arrive at once, each stored from a thread of its own
 
     def directory(self, deployment: str) -> Path:
         return self.root / safe_name(deployment, "deployment")
@@ -129,6 +131,11 @@ class PoolStore:
     def receive_chunk(self, deployment: str, file: str, index: int, count: int, size: int, sha256: str,
                       data: bytes) -> bool:
         """Store one chunk; True once the whole file is in place (its sha256 checked)."""
+        with self._lock:
+            return self._receive_chunk(deployment, file, index, count, size, sha256, data)
+
+    def _receive_chunk(self, deployment: str, file: str, index: int, count: int, size: int, sha256: str,
+                       data: bytes) -> bool:
         d = self.directory(deployment)
         name = safe_name(file, "file")
         if deployment == SOURCES and source_sha(name) != sha256:

@@ -40,15 +40,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from splitinfer.actors.actor import Actor, run_actor
 from splitinfer.actors.model_pool.client import PoolClient
 from splitinfer.actors.model_server.batching import ReadyQueue, WorkItem, run_batch
-from splitinfer.actors.model_server.hosted import HostedPart, parse_part_spec
-from splitinfer.actors.model_server.joins import Pending
+from splitinfer.actors.model_server.hosted import HostedPart, answers_alone, parse_part_spec, takes_only_from
+from splitinfer.actors.model_server.joins import Arrival, Pending
 from splitinfer.actors.model_server.runner import configure_tf, load_and_warm
 from splitinfer.actors.monitors import NetworkMonitor, ServerMonitor, follow_links
 from splitinfer.actors.transport import first_line, header_str
 from splitinfer.actors.transport.topology import declare_control_queue, declare_part
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
-    Hop,
     LoadPart,
     MessageError,
     PartRef,
@@ -56,13 +55,12 @@ from splitinfer.messages import (
     Register,
     Reply,
     ServerState,
-    TensorMessage,
     UnloadPart,
     check_tensor,
     compress_array,
     decompress_array,
-    encode,
 )
+from splitinfer.messages.frames import CARRIED, RESULT, TENSORS, Frame, decode_frame, encode_frame
 from splitinfer.monitor.links import LinkEmulator
 from splitinfer.monitor.runtime import cached_speed_gflops
 from splitinfer.splitter.manifest import Manifest
@@ -152,10 +150,12 @@ class ModelServer(Actor):
         entry = manifest.part(part)
         compiled = await self.run_in_worker(load_and_warm, directory, entry, self.settings.max_batch)
         hp = HostedPart(deployment, entry, compiled, replica, replicas, done_cache=self.settings.done_cache,
-                        join_buffer=self.settings.join_buffer, slowdown=self.slowdown)
+                        join_buffer=self.settings.join_buffer, slowdown=self.slowdown,
+                        answers=answers_alone(manifest, part))
         hp.queues = await declare_part(self.channel, self.names, deployment, part, [t.name for t in entry.inputs],
                                        replicas, expires_s=self.settings.queue_expires_s)
         self.parts[(deployment, part)] = hp
+        self.link_local(deployment)
         tag = await self.consume(hp.queues[replica], self._handler(hp, replica), prefetch=self._prefetch(hp))
         hp.tags.append((hp.queues[replica], tag))
         if replicas > 1:
@@ -164,6 +164,15 @@ class ModelServer(Actor):
                  load_s=round(time.time() - t0, 3))
         await self.presence.announce()
         return hp
+
+    def link_local(self, deployment: str) -> None:
+        """Consecutive parts hosted here run back to back in this process: a part whose inputs all come from one
+        part hosted here, and only it takes them, gets them handed over with no broker hop (settings.local_handoff).
+        Called whenever what this server hosts of the deployment changes."""
+        hosted = [hp for (dep, _), hp in self.parts.items() if dep == deployment and hp.active]
+        for hp in hosted:
+            hp.next = next((c for c in hosted if c is not hp and takes_only_from(c.entry, hp.entry)), None) \
+                if self.settings.local_handoff else None
 
     def _prefetch(self, hp: HostedPart) -> int:
         """A join's consumer may hold up to join_buffer partial requests (n-1 of n inputs each) and must still get
@@ -194,7 +203,7 @@ class ModelServer(Actor):
         hp.tags = [(q, t) for q, t in hp.tags if t != tag]
         handed = hp.joins.from_queue(k)
         for pend in handed:
-            for m in pend.messages.values():
+            for m in pend.messages:
                 await self.deliveries.requeue(m)
         self.log("queue_given_back", part=hp.name, queue=hp.queues[k].name, partial_joins=len(handed))
         await self._standby(hp, [k])
@@ -204,6 +213,7 @@ class ModelServer(Actor):
         if hp is None:
             return False
         hp.active = False
+        self.link_local(deployment)
         for q, tag in hp.tags:
             await self.cancel(q, tag)
         await self._hand_back(hp)
@@ -245,46 +255,55 @@ class ModelServer(Actor):
     # ------------------------------------------------------------------ data plane
     def _handler(self, hp: HostedPart, queue: int):
         async def handle(message: AbstractIncomingMessage) -> None:
-            await self._on_tensor(hp, message, queue)
+            await self._on_frame(hp, message, queue)
 
         return handle
 
-    def _validate(self, hp: HostedPart, message: AbstractIncomingMessage) -> tuple[TensorMessage, int]:
-        """The delivery as this part's input (decompressed to the manifest dtype) and its bytes on the wire."""
-        msg = self.decode(message, expect=TensorMessage)
-        if msg.deployment != hp.deployment:
-            raise MessageError(f"tensor for deployment {msg.deployment!r} on a queue of {hp.deployment!r}",
-                               "wrong_deployment", msg.request_id)
-        spec = hp.inputs.get(msg.tensor)
-        if spec is None:
-            raise MessageError(f"{msg.tensor!r} is not an input of {hp.name}", "wrong_tensor", msg.request_id)
-        wire_bytes = msg.array.nbytes
-        if msg.codec is not None:  # sent compressed at a cut (the plan chose it): back to the manifest's dtype
-            try:
-                array = decompress_array(msg.array, msg.codec, msg.scale, spec.dtype)
-            except MessageError as err:
-                raise MessageError(f"{msg.tensor}: {err.reason}", err.code, msg.request_id) from None
-            msg = msg.model_copy(update={"array": array, "codec": None, "scale": None})
-        check_tensor(msg.array, spec.shape, spec.dtype, msg.tensor, msg.request_id)
-        if header_str(message, "request_id") != msg.request_id:
-            raise MessageError("AMQP header request_id does not match the message's request_id",
-                               "bad_header", msg.request_id)
-        return msg, wire_bytes
+    def _validate(self, hp: HostedPart, message: AbstractIncomingMessage) -> tuple[Frame, int]:
+        """The delivery as inputs of this part (decompressed to the manifest's dtypes) and its bytes on the wire."""
+        frame = decode_frame(message.body, self.settings.max_message_bytes)
+        rid = frame.request_id
+        if frame.kind != TENSORS:
+            raise MessageError("a result frame on a part's queue", "bad_frame", rid)
+        if frame.deployment != hp.deployment:
+            raise MessageError(f"tensor for deployment {frame.deployment!r} on a queue of {hp.deployment!r}",
+                               "wrong_deployment", rid)
+        if header_str(message, "request_id") != rid:
+            raise MessageError("AMQP header request_id does not match the frame's request id", "bad_header", rid)
+        wire_bytes = 0
+        for name, array in list(frame.arrays.items()):
+            spec = hp.inputs.get(name)
+            if spec is None:
+                raise MessageError(f"{name!r} is not an input of {hp.name}", "wrong_tensor", rid)
+            wire_bytes += array.nbytes
+            codec = frame.codecs.get(name)
+            if codec is not None:  # sent compressed at a cut (the plan chose it): back to the manifest's dtype
+                try:
+                    array = frame.arrays[name] = decompress_array(array, codec[0], codec[1], spec.dtype)
+                except MessageError as err:
+                    raise MessageError(f"{name}: {err.reason}", err.code, rid) from None
+            check_tensor(array, spec.shape, spec.dtype, name, rid)
+        if not frame.arrays:
+            raise MessageError("a frame with no tensors on a part's queue", "bad_frame", rid)
+        return frame, wire_bytes
 
-    async def _on_tensor(self, hp: HostedPart, message: AbstractIncomingMessage, queue: int = 0) -> None:
-        now = time.time()
+    async def _on_frame(self, hp: HostedPart, message: AbstractIncomingMessage, queue: int = 0) -> None:
+        received = time.time()
         try:
-            msg, wire_bytes = self._validate(hp, message)
+            frame, wire_bytes = self._validate(hp, message)
         except MessageError as err:
             await self.dead_letter(message, err, deployment=hp.deployment)
             return
+        meta = frame.meta
         # link emulation: a tensor from another site arrives RTT + bytes/bandwidth later (0 when off)
-        delay = self.links.delay(msg.site, self.site, wire_bytes, now)
+        delay = self.links.delay(meta.get("site", ""), self.site, wire_bytes, received)
         if delay > 0:
             await asyncio.sleep(delay)
-            now = time.time()
-        self.monitor.add_radio(self.links.wire_s(msg.site, self.site, wire_bytes))
-        rid = msg.request_id
+            received = time.time()
+        self.monitor.add_radio(self.links.wire_s(meta.get("site", ""), self.site, wire_bytes))
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        rid = frame.request_id
         if message.redelivered:
             self.stats["redelivered"] = self.stats.get("redelivered", 0) + 1
         if rid in hp.done:
@@ -295,24 +314,44 @@ class ModelServer(Actor):
             self.log("duplicate_in_progress", part=hp.name, request_id=rid)
             hp.running[rid].append(message)
             return
-        if msg.deadline is not None and now > msg.deadline:
+        budget = meta.get("budget")
+        deadline = None if budget is None else now + budget
+        if deadline is not None and now >= deadline:
             self.log.warning("expired", part=hp.name, request_id=rid)
             await self.deliveries.ack(message)
             return
-        if len(hp.inputs) == 1:
-            self._enqueue(WorkItem(hp, rid, {msg.tensor: msg}, [message], {msg.tensor: now}, now))
+        transfer = max(0.0, received - meta["sent"]) if "sent" in meta else 0.0
+        if len(frame.arrays) == len(hp.inputs):  # everything this part takes came in one frame
+            self._enqueue(WorkItem(hp, rid, dict(frame.arrays), meta, list(frame.hops), [message], received,
+                                   transfer_s=transfer, deadline=deadline, ready_at=now))
             return
         for oldest in hp.joins.evict_for_new(rid):
             await self._fail_pending(hp, oldest, "join_buffer_full",
                                      f"{hp.name}: join buffer full ({self.settings.join_buffer} requests)")
-        pend, new, old = hp.joins.add(msg, message, now, queue)
-        if old is not None:  # the same input twice (redelivery after a channel loss): keep the newest
+        pend, new, replaced = hp.joins.add(rid, Arrival(frame.arrays, message, meta, received, transfer, deadline),
+                                           queue)
+        for old in replaced:  # the same input twice (redelivery after a channel loss): keep the newest
             await self.deliveries.ack(old)
         if hp.joins.complete(pend):
-            self._enqueue(WorkItem(hp, rid, pend.tensors, list(pend.messages.values()), pend.received, now))
+            self._enqueue(self._joined(hp, pend, now))
         elif new:
-            pend.timer = asyncio.get_running_loop().call_later(
-                self.settings.join_timeout_s, lambda: self.spawn(self._join_timeout(hp, rid)))
+            pend.timer = loop.call_later(self.settings.join_timeout_s, lambda: self.spawn(self._join_timeout(hp, rid)))
+
+    @staticmethod
+    def _joined(hp: HostedPart, pend: Pending, now: float) -> WorkItem:
+        """A complete join as one work item: every input, the hops behind each (once), the earliest deadline."""
+        arrivals = list(pend.arrivals.values())
+        hops, seen = [], set()
+        for a in arrivals:
+            for h in a.meta.get("hops") or []:
+                if (h[0], h[1]) not in seen:
+                    seen.add((h[0], h[1]))
+                    hops.append(h)
+        deadlines = [a.deadline for a in arrivals if a.deadline is not None]
+        first, last = min(a.received for a in arrivals), max(a.received for a in arrivals)
+        return WorkItem(hp, pend.request_id, {n: a.arrays[n] for n, a in pend.arrivals.items()}, arrivals[0].meta,
+                        hops, pend.messages, last, transfer_s=max(a.transfer_s for a in arrivals),
+                        join_wait_s=last - first, deadline=min(deadlines) if deadlines else None, ready_at=now)
 
     async def _join_timeout(self, hp: HostedPart, rid: str) -> None:
         pend = hp.joins.pop(rid)
@@ -321,17 +360,25 @@ class ModelServer(Actor):
                                                                f"arrive within {self.settings.join_timeout_s}s")
 
     async def _fail_pending(self, hp: HostedPart, pend: Pending, code: str, reason: str) -> None:
-        """One error result for the request, and every input it had to the dead-letter queue."""
         pend.cancel_timer()
-        messages = list(pend.messages.values())
-        if messages:
-            await self.dead_letter(messages[0], MessageError(reason, code, pend.request_id), deployment=hp.deployment)
-        for m in messages[1:]:
+        first = next(iter(pend.arrivals.values()), None)
+        await self._fail(hp, pend.request_id, first.meta if first else {}, pend.messages, code, reason)
+
+    async def _fail(self, hp: HostedPart, rid: str, meta: dict, messages: list[AbstractIncomingMessage], code: str,
+                    reason: str) -> None:
+        """One error result for the request (to the front end when the request names one, which decides the job's
+        answer, else to its caller), and every delivery it brought to the dead-letter queue. It names the request
+        (one attempt), not the job: an error of an attempt the front end gave up on must not answer the job."""
+        self.stats["errors"] += 1
+        self.log.warning("request_failed", part=hp.name, request_id=rid, code=code, reason=reason)
+        await self.publish_error(rid, code, reason, reply_to=meta.get("err") or meta.get("rt"),
+                                 deployment=hp.deployment)
+        for m in messages:
             await self.deliveries.reject(m)
 
-    def _enqueue(self, item: WorkItem) -> None:
+    def _enqueue(self, item: WorkItem, first: bool = False) -> None:
         item.part.running.setdefault(item.request_id, [])
-        self.ready.put(item)
+        self.ready.put(item, first)
 
     async def _worker(self) -> None:
         while True:
@@ -343,8 +390,9 @@ class ModelServer(Actor):
                 self.log.error("worker_error", error=first_line(exc))
 
     async def _work(self) -> None:
+        delay_s = self.settings.batch_delay_us / 1e6
         while True:
-            batch = await self.ready.next_batch(self.settings.max_batch)
+            batch = await self.ready.next_batch(self.settings.max_batch, delay_s)
             for it in [it for it in batch if not it.part.active]:  # unloaded meanwhile: hand back
                 await self._settle_extras(it, "requeue")
                 for m in it.messages:
@@ -356,7 +404,9 @@ class ModelServer(Actor):
             self._busy = len(batch)
             started = time.time()
             try:
-                outs, compute_s = await self.run_in_worker(run_batch, hp.compiled, [it.tensors for it in batch])
+                # in the event loop itself: a hand-off to a thread and back costs more than it saves (the loop has
+                # nothing to do meanwhile that cannot wait: what it published before is flushed first)
+                outs, compute_s = run_batch(hp.compiled, [it.arrays for it in batch])
                 extra = hp.slowdown.extra_s(len(batch), compute_s)
                 if extra > 0:  # a slower device: the worker (this server's only compute) stays busy
                     await asyncio.sleep(extra)
@@ -371,15 +421,15 @@ class ModelServer(Actor):
                 self._busy = 0
             for it, out in zip(batch, outs):
                 try:
-                    self._publish_outputs(it, out, started, compute_s, len(batch))
+                    self._forward(it, out, started, compute_s, len(batch))
                 except MessageError as err:
                     await self._fail_item(it, err.code, f"{hp.name}: {err.reason}")
                 except Exception as exc:  # e.g. an output dtype the wire does not allow: fail this request only
                     await self._fail_item(it, "bad_output", f"{hp.name}: {first_line(exc)}")
+            await self.connection.flush()
 
     async def _fail_item(self, it: WorkItem, code: str, reason: str) -> None:
-        pend = Pending(it.request_id, it.tensors, {str(i): m for i, m in enumerate(it.messages)})
-        await self._fail_pending(it.part, pend, code, reason)
+        await self._fail(it.part, it.request_id, it.meta, it.messages, code, reason)
         await self._settle_extras(it, "reject")
 
     async def _settle_extras(self, it: WorkItem, how: str) -> None:
@@ -389,55 +439,100 @@ class ModelServer(Actor):
         for m in it.part.running.pop(it.request_id, []):
             await settle(m)
 
-    def _publish_outputs(self, it: WorkItem, out: dict[str, np.ndarray], started: float, compute_s: float,
-                         batch: int) -> None:
+    def _forward(self, it: WorkItem, out: dict[str, np.ndarray], started: float, compute_s: float,
+                 batch: int) -> None:
+        """Where a request's outputs go: tensors other parts take to `<ns>.tensors` (one frame each), the job's
+        answer straight to its caller on `<ns>.results` when this part produces all of it, and the tensors of the
+        part that runs next in this process handed over without a broker hop. The inputs are acked once every
+        publish this request caused here is confirmed. Past the job's deadline nothing goes on: the front end
+        answers it `deadline_exceeded` (after a grace), and a late answer would contradict that."""
         hp = it.part
-        first_in, last_in = min(it.received.values()), max(it.received.values())
-        hops: list[Hop] = []
-        seen: set[tuple[str, str]] = set()
-        for t in it.tensors.values():
-            for h in t.hops:
-                if (h.part, h.server) not in seen:
-                    seen.add((h.part, h.server))
-                    hops.append(h)
-        hops.append(Hop(part=hp.name, server=self.id,
-                        transfer_s=max(0.0, max(it.received[n] - t.sent_at for n, t in it.tensors.items())),
-                        join_wait_s=last_in - first_in, queue_wait_s=max(0.0, started - last_in),
-                        compute_s=compute_s, batch=batch, finished_at=time.time()))
-        any_in = next(iter(it.tensors.values()))
-        deadlines = [t.deadline for t in it.tensors.values() if t.deadline is not None]
+        now_wall, now = time.time(), asyncio.get_running_loop().time()
+        confirms = list(it.confirms)
+        if it.deadline is not None and now >= it.deadline:
+            self.log.warning("expired", part=hp.name, request_id=it.request_id, after="compute")
+            self._ack_when_confirmed(it, confirms, count=False)
+            return
+        hops = [*it.hops, [hp.name, self.id, it.transfer_s, it.join_wait_s, max(0.0, started - it.received),
+                           compute_s, batch, now_wall, it.via]]
+        meta = {k: v for k, v in it.meta.items() if k in CARRIED}
+        meta.update(rid=it.request_id, dep=hp.deployment, src=hp.name, srv=self.id, site=self.site, sent=now_wall,
+                    hops=hops)
+        if it.deadline is not None:
+            meta["budget"] = it.deadline - now
         headers = {"request_id": it.request_id}
-        if any_in.reply_to:
-            headers["reply_to"] = any_in.reply_to
-        bodies = []
+        if it.meta.get("err") or it.meta.get("rt"):  # where errors about an undecodable frame go
+            headers["reply_to"] = it.meta.get("err") or it.meta.get("rt")
+        nxt = hp.next if hp.next is not None and hp.next.active else None
+        finals: dict[str, np.ndarray] = {}
+        final_codecs: dict[str, tuple[str, float | None]] = {}
         for spec in hp.outputs:
-            array, scale = out[spec.name], None
-            if spec.codec is not None:  # the plan sends this cut compressed: fewer bytes on the link
+            if nxt is not None and spec.name in nxt.inputs:
+                continue  # handed over below
+            array, codec = out[spec.name], {}
+            if spec.codec is not None:  # the plan sends this tensor compressed: fewer bytes on the link
                 array, scale = compress_array(array, spec.codec)
-            body = encode(TensorMessage(
-                request_id=it.request_id, deployment=hp.deployment, tensor=spec.name, array=array,
-                produced_by=hp.name, server=self.id, deadline=min(deadlines) if deadlines else None,
-                reply_to=any_in.reply_to, hops=hops, site=self.site, codec=spec.codec, scale=scale))
-            if len(body) > self.settings.max_message_bytes:
-                raise MessageError(f"output {spec.name} is {len(body)} bytes, over the limit of "
-                                   f"{self.settings.max_message_bytes}", "output_too_large", it.request_id)
-            bodies.append((spec, body))
-            if self.monitor.is_device and self.links.enabled:  # radio time: the receiver is unknown here, so the
-                slowest = self.links.slowest_from(self.site)     # narrowest link from this site stands for it
-                if slowest is not None:
-                    self.monitor.add_radio(slowest.wire_s(array.nbytes))
-        # A final output may have no listener (front end down): don't bounce it; an inner one must route.
-        confirms = [self.publisher.soon("tensors", self.names.tensor_key(hp.deployment, spec.name), body,
-                                        headers=headers, mandatory=not spec.final or bool(spec.consumers))
-                    for spec, body in bodies]
+                codec = {spec.name: (spec.codec, scale)}
+            if spec.final and hp.answers:
+                finals[spec.name] = array
+                final_codecs.update(codec)
+                if not spec.consumers:
+                    continue
+            body = self._frame(TENSORS, meta, {spec.name: array}, codec, it.request_id)
+            # a final output the front end assembles may have no listener (front end down): don't bounce it
+            confirms.append(self.publisher.soon("tensors", self.names.tensor_key(hp.deployment, spec.name), body,
+                                                headers=headers, mandatory=not spec.final or bool(spec.consumers)))
+            self._account_radio(array.nbytes)
+        if hp.answers:
+            answer = {**meta, "job": it.meta.get("job") or it.request_id}
+            body = self._frame(RESULT, answer, finals, final_codecs, it.request_id)
+            key = self.names.result_key(it.meta.get("rt") or answer["job"])
+            nbytes = sum(a.nbytes for a in finals.values())
+            # link emulation: the answer crosses to the caller's site; the caller is no actor of the emulated
+            # cluster, so this part, the sender, makes it wait as the link would
+            delay = self.links.delay(self.site, it.meta.get("origin", self.site), nbytes, now_wall)
+            confirms.append(self.publisher.soon("results", key, body, headers=headers, mandatory=False)
+                            if delay <= 0 else self.spawn(self._publish_later(delay, "results", key, body, headers)))
+            self._account_radio(nbytes)
+        if nxt is None:
+            self._ack_when_confirmed(it, confirms)
+            return
+        self.spawn(self._settle_extras(it, "ack"), name="settle_extras")
+        self._enqueue(WorkItem(nxt, it.request_id, {n: out[n] for n in nxt.inputs}, it.meta, hops, it.messages,
+                               now_wall, deadline=it.deadline, ready_at=now, via="local", confirms=confirms,
+                               stages=[*it.stages, hp]),
+                      first=True)
 
+    async def _publish_later(self, delay: float, exchange: str, key: str, body: bytes, headers: dict) -> None:
+        await asyncio.sleep(delay)
+        await self.publisher.publish(exchange, key, body, headers=headers, mandatory=False)
+
+    def _ack_when_confirmed(self, it: WorkItem, confirms: list[asyncio.Task], count: bool = True) -> None:
+        """Ack the request's deliveries once its publishes are confirmed; only then is it done at every part it
+        went through here (a redelivery is acked without recomputing). If a publish finally failed, the deliveries
+        go back to the queue and the request is computed again."""
         def done(ok: bool) -> None:
             if ok:
-                hp.mark_done(it.request_id)
-                self.stats["processed"] += 1
+                for stage in (*it.stages, it.part):
+                    stage.mark_done(it.request_id)
+                if count:
+                    self.stats["processed"] += 1
             self.spawn(self._settle_extras(it, "ack" if ok else "requeue"), name="settle_extras")
 
         self.deliveries.ack_when_confirmed(it.messages, confirms, on_done=done)
+
+    def _frame(self, kind: int, meta: dict, arrays: dict[str, np.ndarray], codecs: dict, rid: str) -> bytes:
+        body = encode_frame(kind, meta, arrays, codecs)
+        if len(body) > self.settings.max_message_bytes:
+            raise MessageError(f"outputs of {len(body)} bytes, over the limit of {self.settings.max_message_bytes}",
+                               "output_too_large", rid)
+        return body
+
+    def _account_radio(self, nbytes: int) -> None:
+        if self.monitor.is_device and self.links.enabled:  # radio time: the receiver is unknown here, so the
+            slowest = self.links.slowest_from(self.site)     # narrowest link from this site stands for it
+            if slowest is not None:
+                self.monitor.add_radio(slowest.wire_s(nbytes))
 
     # ------------------------------------------------------------------ stop
     async def on_stop(self) -> None:
@@ -455,7 +550,7 @@ class ModelServer(Actor):
     async def _hand_back(self, hp: HostedPart) -> int:
         pending = hp.joins.clear()
         for pend in pending:
-            for m in pend.messages.values():
+            for m in pend.messages:
                 await self.deliveries.requeue(m)
         return len(pending)
 

@@ -1,5 +1,6 @@
 """One part a model server hosts: its compiled function, replica, queues and consumers, joins, the requests it is
-running and the ones it has served (a bounded memory, so a redelivered input is acked without recomputing)."""
+running and the ones it has served (a bounded memory, so a redelivered input is acked without recomputing), and how
+its outputs leave: to the broker, to the caller as the job's answer, or handed to the next part in this process."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from splitinfer.actors.model_server.joins import JoinBuffer
 from splitinfer.actors.model_server.runner import EmulatedSlowdown
 from splitinfer.messages import PartRef
-from splitinfer.splitter.manifest import PartEntry
+from splitinfer.splitter.manifest import Manifest, PartEntry
 
 
 class HostedPart:
     def __init__(self, deployment: str, entry: PartEntry, compiled, replica: int, replicas: int, *,
-                 done_cache: int, join_buffer: int, slowdown: float):
+                 done_cache: int, join_buffer: int, slowdown: float, answers: bool = False):
         self.deployment = deployment
         self.entry = entry
         self.name = entry.name
@@ -25,6 +26,11 @@ class HostedPart:
         self.replicas = replicas
         self.inputs = {t.name: t for t in entry.inputs}
         self.outputs = list(entry.outputs)
+        # this part produces every final output: it publishes the job's answer itself, straight to the caller
+        self.answers = answers
+        # the part hosted here that takes only this part's outputs, and is their only consumer: it runs right after
+        # this one in this process, with no broker hop between them (see ModelServer.link_local)
+        self.next: HostedPart | None = None
         self.joins = JoinBuffer(list(self.inputs), join_buffer)
         self.done: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.done_cache = done_cache
@@ -46,6 +52,21 @@ class HostedPart:
         self.done.move_to_end(request_id)
         while len(self.done) > self.done_cache:
             self.done.popitem(last=False)
+
+
+def answers_alone(manifest: Manifest, part: str) -> bool:
+    """Whether this part produces every final output of the deployment (so its outputs are the whole answer)."""
+    produced = {o.name for o in manifest.part(part).outputs}
+    return set(manifest.output_names) <= produced
+
+
+def takes_only_from(consumer: PartEntry, producer: PartEntry) -> bool:
+    """Every input of `consumer` is an output of `producer`, and `consumer` is the only part that takes them, so
+    the two can run back to back in one process with nothing else waiting for the tensors between them."""
+    outputs = {o.name: o for o in producer.outputs}
+    return bool(consumer.inputs) and all(
+        t.name in outputs and not outputs[t.name].final and outputs[t.name].consumers == [consumer.name]
+        for t in consumer.inputs)
 
 
 def parse_part_spec(spec: str) -> tuple[str, int, int]:

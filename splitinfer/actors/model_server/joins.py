@@ -11,10 +11,22 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from aio_pika.abc import AbstractIncomingMessage
 
-from splitinfer.messages import TensorMessage
+
+@dataclass
+class Arrival:
+    """One delivery of some of a request's inputs."""
+
+    arrays: dict[str, np.ndarray]
+    message: AbstractIncomingMessage
+    meta: dict[str, Any]
+    received: float            # wall clock
+    transfer_s: float          # its sender's clock to ours
+    deadline: float | None     # loop time
 
 
 @dataclass
@@ -22,9 +34,7 @@ class Pending:
     """A join's inputs received so far for one request."""
 
     request_id: str
-    tensors: dict[str, TensorMessage] = field(default_factory=dict)
-    messages: dict[str, AbstractIncomingMessage] = field(default_factory=dict)
-    received: dict[str, float] = field(default_factory=dict)
+    arrivals: dict[str, Arrival] = field(default_factory=dict)   # input name -> the delivery that brought it
     timer: asyncio.TimerHandle | None = None
     queue: int = 0  # replica queue the inputs came from (all of a request's inputs hash to the same one)
 
@@ -32,6 +42,11 @@ class Pending:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    @property
+    def messages(self) -> list[AbstractIncomingMessage]:
+        """Each delivery once (one frame may bring several inputs)."""
+        return list({id(a.message): a.message for a in self.arrivals.values()}.values())
 
 
 class JoinBuffer:
@@ -51,29 +66,30 @@ class JoinBuffer:
                 evicted.append(self.pending.popitem(last=False)[1])
         return evicted
 
-    def add(self, msg: TensorMessage, message: AbstractIncomingMessage, now: float, queue: int
-            ) -> tuple[Pending, bool, AbstractIncomingMessage | None]:
-        """Take one input in: (its request's Pending, whether it is new, the earlier delivery of this same input
-        if it came twice: a redelivery after a channel loss, settled by the caller). A complete request leaves the
-        buffer (`Pending` has all inputs)."""
-        pend = self.pending.get(msg.request_id)
+    def add(self, request_id: str, arrival: Arrival, queue: int
+            ) -> tuple[Pending, bool, list[AbstractIncomingMessage]]:
+        """Take a delivery's inputs in: (the request's Pending, whether it is new, earlier deliveries of these same
+        inputs that this one replaces: a redelivery after a channel loss, for the caller to settle). A complete
+        request leaves the buffer."""
+        pend = self.pending.get(request_id)
         new = pend is None
         if new:
-            pend = self.pending[msg.request_id] = Pending(msg.request_id, queue=queue)
-        old = pend.messages.get(msg.tensor)
-        pend.tensors[msg.tensor] = msg
-        pend.messages[msg.tensor] = message
-        pend.received[msg.tensor] = now
+            pend = self.pending[request_id] = Pending(request_id, queue=queue)
+        replaced = {id(pend.arrivals[n].message): pend.arrivals[n].message
+                    for n in arrival.arrays if n in pend.arrivals}
+        for name in arrival.arrays:
+            pend.arrivals[name] = arrival
+        still = {id(a.message) for a in pend.arrivals.values()}
         if self.complete(pend):
-            self.pending.pop(msg.request_id, None)
+            self.pending.pop(request_id, None)
             pend.cancel_timer()
-        return pend, new, old
+        return pend, new, [m for k, m in replaced.items() if k not in still]
 
     def complete(self, pend: Pending) -> bool:
-        return len(pend.tensors) == len(self.inputs)
+        return all(n in pend.arrivals for n in self.inputs)
 
     def missing(self, pend: Pending) -> list[str]:
-        return [t for t in self.inputs if t not in pend.tensors]
+        return [t for t in self.inputs if t not in pend.arrivals]
 
     def pop(self, request_id: str) -> Pending | None:
         pend = self.pending.pop(request_id, None)

@@ -1,5 +1,6 @@
-"""The result store actor: binds its own durable queue to `<ns>.results` with `#`, writes each result and error
-to the store and acks it only after the row is committed.
+"""The result store actor: binds its own durable queue to `<ns>.results` with `#`, writes each answer (a part's
+result frame, a front end's assembled result, an error) to the store and acks it only after its row is committed;
+what arrives while a write runs goes in the next one (one transaction per batch).
 
     python -m splitinfer.actors.result_store [--id result_store] [--url sqlite:///path.db]
 """
@@ -7,6 +8,8 @@ to the store and acks it only after the row is committed.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -14,6 +17,7 @@ from splitinfer.actors.actor import Actor, run_actor
 from splitinfer.actors.result_store.store import ResultStore
 from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, queue_arguments
 from splitinfer.messages import ErrorResult, MessageError, ResultMessage
+from splitinfer.messages.frames import decode_frame, is_frame, result_message
 
 INTERNAL_KEY_PREFIX = escape_key(INTERNAL_REPLY_PREFIX)
 
@@ -28,6 +32,8 @@ class ResultStoreActor(Actor):
     def __init__(self, actor_id: str = "result_store", settings=None, url: str | None = None):
         super().__init__(actor_id, settings)
         self.store = ResultStore(url or self.settings.results_url())
+        self._pending: list[tuple[dict, AbstractIncomingMessage]] = []
+        self._writer: asyncio.Task | None = None
 
     @property
     def queue_name(self) -> str:
@@ -48,7 +54,12 @@ class ResultStoreActor(Actor):
             await self.deliveries.ack(message)
             return
         try:
-            msg = self.decode(message, expect=(ResultMessage, ErrorResult))
+            if is_frame(message.body):  # a part's answer: a result frame
+                frame = decode_frame(message.body, self.settings.max_message_bytes)
+                sub = frame.meta.get("sub")
+                msg = result_message(frame, latency_s=None if sub is None else max(0.0, time.time() - sub))
+            else:
+                msg = self.decode(message, expect=(ResultMessage, ErrorResult))
         except MessageError as exc:
             # not something we can store as a result: keep the fact, dead-letter the bytes (no error result:
             # answering a broken answer on the results exchange would loop)
@@ -59,17 +70,25 @@ class ResultStoreActor(Actor):
             self.stats["errors"] += 1
             await self.deliveries.reject(message)
             return
-        body = bytes(message.body)
+        row = dict(namespace=self.names.ns, job_id=msg.job_id, deployment=msg.deployment, plan=msg.plan,
+                   body=bytes(message.body))
         if isinstance(msg, ResultMessage):
-            row = dict(kind="result", deployment=msg.deployment, latency_s=msg.latency_s, served_by=msg.served_by,
-                       hops=[h.model_dump() for h in msg.hops], outputs=_summary(msg.outputs), plan=msg.plan)
+            row.update(kind="result", latency_s=msg.latency_s, served_by=msg.served_by,
+                       hops=[h.model_dump() for h in msg.hops], outputs=_summary(msg.outputs))
         else:
-            row = dict(kind="error", deployment=msg.deployment, code=msg.code, message=msg.message,
-                       served_by=msg.where, plan=msg.plan)
-        kind = row.pop("kind")
-        await self.run_in_worker(lambda: self.store.add(self.names.ns, kind, msg.job_id, body=body, **row))
-        self.stats["processed"] += 1
-        await self.deliveries.ack(message)
+            row.update(kind="error", code=msg.code, message=msg.message, served_by=msg.where)
+        self._pending.append((row, message))
+        if self._writer is None or self._writer.done():
+            self._writer = self.spawn(self._write())
+
+    async def _write(self) -> None:
+        """Write what has come in, in one transaction, then ack it; what comes in meanwhile is the next batch."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self.run_in_worker(self.store.add_many, [row for row, _ in batch])
+            for _, message in batch:
+                await self.deliveries.ack(message)
+            self.stats["processed"] += len(batch)
 
 
 def main(argv: list[str] | None = None) -> None:

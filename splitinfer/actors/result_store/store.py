@@ -37,6 +37,10 @@ CREATE INDEX IF NOT EXISTS results_ns_id ON results (namespace, id);
 """
 
 
+ROW_FIELDS = {"namespace", "kind", "job_id", "deployment", "code", "message", "latency_s", "served_by", "hops",
+              "outputs", "body", "received_at", "plan"}
+
+
 class StoreURLError(ValueError):
     """A result-store URL this build cannot open."""
 
@@ -115,37 +119,34 @@ class ResultStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def add(
-        self,
-        namespace: str,
-        kind: str,
-        job_id: str | None,
-        *,
-        deployment: str | None = None,
-        code: str | None = None,
-        message: str | None = None,
-        latency_s: float | None = None,
-        served_by: Any = None,
-        hops: list | None = None,
-        outputs: dict | None = None,
-        body: bytes | None = None,
-        received_at: float | None = None,
-        plan: str | None = None,
-    ) -> int:
-        if kind not in ("result", "error"):
-            raise ValueError(f"kind must be 'result' or 'error', not {kind!r}")
+    def add(self, namespace: str, kind: str, job_id: str | None, **fields: Any) -> int:
+        """One row; the id it got. Fields: deployment, code, message, latency_s, served_by, hops, outputs, body,
+        received_at, plan."""
+        return self.add_many([dict(namespace=namespace, kind=kind, job_id=job_id, **fields)])[0]
+
+    def add_many(self, rows: list[dict]) -> list[int]:
+        """Rows in one transaction (a busy store commits once per batch, not per row); their ids."""
+        values = []
+        for r in rows:
+            if r["kind"] not in ("result", "error"):
+                raise ValueError(f"kind must be 'result' or 'error', not {r['kind']!r}")
+            unknown = set(r) - ROW_FIELDS
+            if unknown:
+                raise TypeError(f"unknown result store fields {sorted(unknown)}")
+            values.append((
+                r["namespace"], r.get("job_id"), r["kind"], r.get("deployment"), r.get("code"), r.get("message"),
+                r.get("latency_s"), json.dumps(r.get("served_by")), json.dumps(r.get("hops") or []),
+                json.dumps(r.get("outputs") or {}), r.get("body"),
+                time.time() if r.get("received_at") is None else r["received_at"], r.get("plan")))
+        ids = []
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO results (namespace, job_id, kind, deployment, code, message, latency_s, served_by,"
-                " hops, outputs, body, received_at, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    namespace, job_id, kind, deployment, code, message, latency_s,
-                    json.dumps(served_by), json.dumps(hops or []), json.dumps(outputs or {}),
-                    body, time.time() if received_at is None else received_at, plan,
-                ),
-            )
+            for v in values:
+                cur = self._db.execute(
+                    "INSERT INTO results (namespace, job_id, kind, deployment, code, message, latency_s, served_by,"
+                    " hops, outputs, body, received_at, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", v)
+                ids.append(int(cur.lastrowid))
             self._db.commit()
-            return int(cur.lastrowid)
+        return ids
 
     def query(
         self,

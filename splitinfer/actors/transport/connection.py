@@ -121,6 +121,17 @@ class Connection:
     def qos_lock(self) -> asyncio.Lock:
         return self._qos_lock
 
+    async def flush(self, max_turns: int = 16) -> None:
+        """Let the connection's writer hand everything queued to the socket: for code about to block the event loop
+        (a part computing in it), so that what it published before goes out now, not after."""
+        queue = getattr(getattr(getattr(self.robust, "transport", None), "connection", None), "write_queue", None)
+        quiet = 0
+        for _ in range(max_turns):
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if queue is None or queue.empty() else 0
+            if quiet >= 2:  # the publishers have queued their frames and the writer has taken them all
+                return
+
     @contextlib.asynccontextmanager
     async def scratch_channel(self) -> AsyncIterator[AbstractChannel]:
         """A throwaway channel: a passive declare of a missing queue closes the channel it ran on."""

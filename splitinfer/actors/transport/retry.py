@@ -47,6 +47,12 @@ HEALTHY_AFTER_S = 60.0
 # The front end re-sends a job whose attempt produced nothing after this share of its deadline, this many times.
 JOB_RETRIES = 1
 JOB_RETRY_SHARE = 0.5
+# The front end answers `deadline_exceeded` this long after a job's deadline: an answer the last part published just
+# in time is still on its way to the caller then, and must not be contradicted.
+DEADLINE_GRACE_S = 0.5
+# A Client answers its own job `deadline_exceeded` only this long after the front end would have: the front end's
+# answer (kept by the result store) comes first; this one covers a cluster without a front end.
+CLIENT_DEADLINE_SLACK_S = 1.0
 
 
 class Unroutable(Exception):

@@ -6,6 +6,9 @@ Names (ns = settings.namespace):
                                  with each input key of the part (exchange-to-exchange)
 - `<ns>.part.<dep>.<part>.r<k>`  replica k's queue, bound to the part exchange with weight "1",
                                  x-single-active-consumer, dead-lettered to `<ns>.dead`
+- `<ns>.inflight`  the front end's queue of job notices: a caller that sends a job's inputs to the parts itself
+                   (the Client) tells the front end there (a small frame, no tensors), so it tracks the job's
+                   deadline off the tensor path
 - `<ns>.results`   topic exchange, final results/errors, key = job id / reply_to
 - `<ns>.jobs`      queue of InferenceJobs
 - `<ns>.control`   topic exchange: `register.<actor>`, `heartbeat.<actor>`, `deregister.<actor>`, `load.<server>`,
@@ -70,6 +73,10 @@ class Names:
     @property
     def results(self) -> str:
         return f"{self.ns}.results"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.ns}.inflight"
 
     @property
     def jobs(self) -> str:

@@ -25,18 +25,21 @@ of the services it talks to (registry, model pool, state pool, optimizer, model 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
+import aiormq.exceptions
 import numpy as np
 from aio_pika.abc import AbstractIncomingMessage
 
-from splitinfer.actors.front_end.tracker import JobTracker, PendingJob
+from splitinfer.actors.front_end.tracker import Admission, JobTracker, PendingJob
 from splitinfer.actors.front_end.watch import ServerWatch, route
 from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.model_server.client import ServerOrders, failures
@@ -44,8 +47,10 @@ from splitinfer.actors.optimizer.client import OptimizerClient
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.state_pool.client import StatePoolClient
 from splitinfer.actors.transport import Names, RemoteError, Session, Unroutable
-from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX
+from splitinfer.actors.transport import dead_letters as dlq
+from splitinfer.actors.transport.dead_letters import DeadLetter
+from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S, OUTAGE
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     ActorInfo,
@@ -74,6 +79,7 @@ from splitinfer.splitter.manifest import APPLICATIONS_PREFIX, Manifest
 ANSWER_SLACK_S = 10.0   # past the job's deadline the front end has answered; wait this much longer for the message
 TICK_S = 0.25           # the client looks at its jobs' retries and deadlines at least this often
 LISTING_TIMEOUT_S = 10.0
+SEEN_ANSWERS = 10_000   # subscribe_results remembers this many job ids to drop a repeated answer
 
 
 class ClientError(Exception):
@@ -91,6 +97,7 @@ class _Waiter:
     future: asyncio.Future
     dtypes: dict[str, str]   # the final outputs' dtypes (a compressed output is restored to them)
     sent_at: float           # loop time: the answer's latency is measured on this machine's clock
+    deployment: str = ""     # set for a job submitted through `submit` (admission learns from its answer)
 
 
 @dataclass
@@ -122,6 +129,12 @@ class Client:
         self.watch = ServerWatch(self.settings.liveness_timeout_s)
         self._front: str | None = None  # the front end that tracks our jobs
         self._site = ""                  # the client's site: the front end's
+        # overload: at most this many jobs in the cluster at once (more wait their turn, within their deadline),
+        # and a job that cannot finish in time by what recent jobs took is answered at once, not sent
+        self._slots = asyncio.Semaphore(self.settings.client_max_inflight)
+        self._holding: set[str] = set()   # jobs holding a slot
+        self._sending: set[str] = set()   # jobs whose send is under way (an outage hook leaves them alone)
+        self.admission = Admission()
 
     async def __aenter__(self) -> "Client":
         await self.start()
@@ -146,6 +159,7 @@ class Client:
             await watch.bind(exchanges["control"], routing_key=key)
         await watch.consume(self._on_watch, no_ack=True)
         self.session.spawn(self._tick())
+        self.session.connection.on_reconnect(self._resend_after_outage)
 
     async def stop(self) -> None:
         for w in self._waiters.values():
@@ -185,8 +199,17 @@ class Client:
 
     def _resolve(self, job_id: str, answer: ResultMessage | ErrorResult) -> None:
         self.jobs.on_answered(job_id)
+        if job_id in self._holding:
+            self._holding.discard(job_id)
+            self._slots.release()
         waiter = self._waiters.pop(job_id, None)
-        if waiter is not None and not waiter.future.done():
+        if waiter is None:
+            return
+        if waiter.deployment:
+            now = asyncio.get_running_loop().time()
+            ok = isinstance(answer, ResultMessage)
+            self.admission.done(waiter.deployment, now - waiter.sent_at if ok else None, now)
+        if not waiter.future.done():
             waiter.future.set_result(answer)
 
     async def _on_watch(self, message: AbstractIncomingMessage) -> None:
@@ -225,7 +248,16 @@ class Client:
         deployment's first parts, the answer comes straight back from the part that produces it; the front end
         tracks the job's deadline from a notice, off that path, and this client re-sends a job that brought
         nothing after a share of its deadline. `requirements` (max latency, battery level, min fidelity) choose the
-        plan of a model deployment (see deploy_model)."""
+        plan of a model deployment (see deploy_model).
+
+        The same job id submitted again while it runs gets the same future. While the broker is away (a restart)
+        the job waits for it, within its deadline; after a reconnect every unanswered job is sent again at once."""
+        if job_id is not None:
+            problem = key_problem(job_id, "job id")
+            if problem is not None:
+                raise ClientError(f"bad_job_id: {problem}")
+            if job_id in self._waiters:
+                return self._waiters[job_id].future
         manifest = await self.manifest(deployment)
         if isinstance(inputs, np.ndarray):
             names = [t.name for t in manifest.inputs]
@@ -245,22 +277,75 @@ class Client:
             await self._find_front_end()
         loop = asyncio.get_running_loop()
         deadline_s = deadline_s or self.settings.job_deadline_s
+        submitted, deadline = loop.time(), loop.time() + deadline_s
+        late = await self._take_slot(deployment, deadline)
+        if late is not None:  # answered at once: it could not finish in time
+            fut = loop.create_future()
+            fut.set_result(ErrorResult(job_id=job_id, deployment=deployment, code="deadline_exceeded",
+                                       message=f"job {job_id}: {late}", where=self.id))
+            return fut
+        self._holding.add(job_id)
         job = PendingJob(job_id=job_id, deployment=deployment, reply_to=self.id, inputs=arrays,
-                         final_outputs=manifest.output_names, received_at=loop.time(),
-                         deadline=loop.time() + deadline_s,
+                         final_outputs=manifest.output_names, received_at=submitted, deadline=deadline,
                          attempt_timeout_s=max(0.05, deadline_s * self.jobs.retry_share), route=to, plan=plan,
                          requirements=requirements, error_to=self._error_to())
         if self.jobs.admit(job, loop.time()) is not None:
+            self._holding.discard(job_id)
+            self._slots.release()
             raise ClientError(f"job {job_id} was already submitted by this client")
-        waiter = _Waiter(loop.create_future(), {t.name: t.dtype for t in manifest.outputs}, loop.time())
+        waiter = _Waiter(loop.create_future(), {t.name: t.dtype for t in manifest.outputs}, loop.time(), deployment)
         self._waiters[job_id] = waiter
+        self.admission.sent(deployment)
         try:
-            await self._send(job)
-        except BaseException:
-            self._waiters.pop(job_id, None)
-            self.jobs.on_answered(job_id)
+            await self._send_through_outage(job)
+        except BaseException as exc:
+            self._resolve(job_id, ErrorResult(job_id=job_id, deployment=deployment, code="not_sent",
+                                              message=str(exc), where=self.id))
             raise
         return waiter.future
+
+    async def _take_slot(self, deployment: str, deadline: float) -> str | None:
+        """Wait for one of the client's in-flight slots; why the job cannot finish in time instead, or None."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return f"no room for it before its deadline ({self.settings.client_max_inflight} jobs in flight)"
+        refusal = self.admission.refusal(deployment, deadline - loop.time(), loop.time())
+        if refusal is not None:
+            self._slots.release()
+        return refusal
+
+    async def _send_through_outage(self, job: PendingJob) -> None:
+        """`_send`, riding out a broker that is away (the OUTAGE backoff, never past the job's deadline): the job
+        then stays unsent, and its deadline answers it."""
+        loop = asyncio.get_running_loop()
+        self._sending.add(job.job_id)
+        try:
+            for failures in range(1, OUTAGE.attempts + 1):
+                try:
+                    await self._send(job)
+                    return
+                except ClientError:
+                    raise
+                except Exception as exc:
+                    if self.session.connection.is_open and failures >= 2:
+                        raise ClientError(f"could not send job {job.job_id}: {exc}") from None
+                    wait = OUTAGE.delay(failures)
+                    if loop.time() + wait >= job.deadline:
+                        self.session.log.warning("job_not_sent", job_id=job.job_id, error=str(exc))
+                        return
+                    await asyncio.sleep(wait)
+        finally:
+            self._sending.discard(job.job_id)
+
+    async def _resend_after_outage(self) -> None:
+        """The connection is back: the tensors of jobs in flight were transient and may be gone with the broker."""
+        now = asyncio.get_running_loop().time()
+        for job_id in [j for j in self.jobs.pending if j not in self._sending]:
+            job = self.jobs.retry_now(job_id, now)
+            if job is not None:
+                self.session.spawn(self._send_through_outage(job))
 
     async def _send(self, job: PendingJob) -> None:
         """The job's inputs straight to its first parts (one frame each), then a notice to the front end, which
@@ -279,8 +364,9 @@ class Client:
         except Unroutable:
             raise ClientError(f"not_deployed: no server serves the inputs of {job.route} (load its parts first)") \
                 from None
+        # transient: after a broker restart this client sends the job (and its notice) again itself
         await self.session.publisher.publish("", self.names.inflight, encode_frame(NOTICE, meta, {}),
-                                             headers=headers, mandatory=False)
+                                             headers=headers, mandatory=False, persistent=False)
 
     async def _tick(self) -> None:
         """Retries and deadlines of this client's jobs: an attempt that brought nothing after a share of the
@@ -320,20 +406,23 @@ class Client:
 
     async def submit_job(self, job: InferenceJob | bytes, job_id: str | None = None) -> asyncio.Future:
         """Publish a job to the jobs queue (an InferenceJob, or raw bytes, e.g. to test the front end): the front
-        end validates it and sends its inputs. Returns the answer's future."""
+        end validates it and sends its inputs. Returns the answer's future (the same one for an id still
+        waiting). The job is persistent: a broker restart keeps it."""
         jid = job.job_id if isinstance(job, InferenceJob) else (job_id or uuid.uuid4().hex)
+        if jid in self._waiters:
+            return self._waiters[jid].future
         loop = asyncio.get_running_loop()
         dtypes = {}
         if isinstance(job, InferenceJob) and job.deployment in self._manifests:
             dtypes = {t.name: t.dtype for t in self._manifests[job.deployment].outputs}
-        self._waiters[jid] = _Waiter(loop.create_future(), dtypes, loop.time())
+        waiter = self._waiters[jid] = _Waiter(loop.create_future(), dtypes, loop.time())
         try:
             await self.session.publisher.publish("", self.names.jobs, job,
                                                  headers={"request_id": jid, "reply_to": self.id})
         except BaseException:
             self._waiters.pop(jid, None)
             raise
-        return self._waiters[jid].future
+        return waiter.future  # its answer may be in already (an error answered at once)
 
     async def infer(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
                     deadline_s: float | None = None, timeout: float | None = None,
@@ -355,8 +444,9 @@ class Client:
             return await asyncio.wait_for(asyncio.shield(fut), limit)
         except asyncio.TimeoutError:
             for job_id, waiting in list(self._waiters.items()):
-                if waiting.future is fut:
-                    del self._waiters[job_id]
+                if waiting.future is fut:  # given up on: its slot goes to another job
+                    self._resolve(job_id, ErrorResult(job_id=job_id, deployment=waiting.deployment or None,
+                                                      code="timeout", message="no answer in time", where=self.id))
             raise TimeoutError(f"no answer within {limit:.1f}s: is the front end running (`splitinfer up`)?") from None
 
     async def input_names(self, deployment: str) -> list[str]:
@@ -433,7 +523,7 @@ class Client:
         return reply.model_dump(exclude={"v", "message"})
 
     async def undeploy(self, name: str, timeout: float = 120.0) -> str:
-        """Unload every plan of a model deployment and delete it from the pool."""
+        """Unload a deployment (a plain split, or every plan of a model) from its servers and delete it from the pool."""
         reply = await self._ask_optimizer(self.optimizer.undeploy(name, timeout), f"undeploy of {name}", timeout)
         self._manifests.pop(name, None)
         return reply.message
@@ -543,6 +633,41 @@ class Client:
         return await self._ask(self.state_pool.get_state(include_dead, timeout=min(10.0, self.settings.rpc_timeout_s)),
                                "state pool")
 
+    # ------------------------------------------------------------------ the dead-letter queue, the namespace
+    async def dead_letters(self, limit: int = 10) -> tuple[int, list[DeadLetter]]:
+        """(how many dead letters, the oldest `limit` of them with why they are there); they stay in the queue."""
+        async with self._dead_letter_channel() as ch:
+            return await dlq.count(ch, self.names), await dlq.peek(ch, self.names, limit)
+
+    async def requeue_dead_letters(self, limit: int | None = None) -> tuple[int, int]:
+        """Send dead letters back where they were going: (sent back, left in the queue)."""
+        async with self._dead_letter_channel(on_return_raises=True) as ch:
+            return await dlq.requeue(ch, self.names, limit)
+
+    async def purge_dead_letters(self) -> int:
+        async with self._dead_letter_channel() as ch:
+            return await dlq.purge(ch, self.names)
+
+    @contextlib.asynccontextmanager
+    async def _dead_letter_channel(self, on_return_raises: bool = False):
+        try:
+            async with self.session.connection.scratch_channel(on_return_raises=on_return_raises) as ch:
+                yield ch
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise ClientError(f"no dead-letter queue in namespace {self.names.ns!r} (nothing ran there yet)") \
+                from None
+
+    async def supervised(self) -> bool:
+        """Whether a `splitinfer up` runs this namespace (its supervisor holds the namespace's lock queue)."""
+        try:
+            async with self.session.connection.scratch_channel() as ch:
+                await ch.declare_queue(self.names.supervisor_lock, passive=True)
+            return True
+        except aiormq.exceptions.ChannelLockedResource:
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+
     async def queue_depths(self, queues: list[str]) -> dict[str, int | None]:
         """Messages ready in each named queue (None: no such queue)."""
         out: dict[str, int | None] = {}
@@ -574,7 +699,8 @@ async def publish_job(job: InferenceJob | bytes, settings: Settings | None = Non
         channel = await conn.channel(publisher_confirms=True)
     try:
         await channel.default_exchange.publish(
-            aio_pika.Message(bytes(body), headers={"request_id": jid, "reply_to": reply}),
+            aio_pika.Message(bytes(body), headers={"request_id": jid, "reply_to": reply},
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=names.jobs, mandatory=True)
     finally:
         if conn is not None:
@@ -583,9 +709,12 @@ async def publish_job(job: InferenceJob | bytes, settings: Settings | None = Non
 
 
 async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
-                            ready: asyncio.Event | None = None) -> AsyncIterator[ResultMessage | ErrorResult]:
+                            ready: asyncio.Event | None = None, dedupe: bool = True
+                            ) -> AsyncIterator[ResultMessage | ErrorResult]:
     """Yield every ResultMessage / ErrorResult published on `<ns>.results` with routing key `key` (a job id or a
-    reply_to; "#" for all) from the moment of subscribing. `ready` is set once the queue is bound."""
+    reply_to; "#" for all) from the moment of subscribing. `ready` is set once the queue is bound. Answers are
+    delivered at least once on the wire (a job recomputed after a crash or a broker restart may be answered
+    again): each job's first answer is yielded, later ones dropped (`dedupe=False`: all, as they come)."""
     settings = settings or get_settings()
     names = Names(settings.namespace)
     conn = await aio_pika.connect(settings.broker_url)
@@ -596,6 +725,7 @@ async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
         await q.bind(ex, routing_key=key if key == "#" else names.result_key(key))
         if ready is not None:
             ready.set()
+        seen: OrderedDict[str, None] = OrderedDict()  # answers are at least once on the wire; yielded once here
         async with q.iterator() as it:
             async for message in it:
                 async with message.process():
@@ -606,6 +736,12 @@ async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
                                    expect=(ResultMessage, ErrorResult))
                     except MessageError:
                         continue
+                    if dedupe and msg.job_id:
+                        if msg.job_id in seen:
+                            continue
+                        seen[msg.job_id] = None
+                        if len(seen) > SEEN_ANSWERS:
+                            seen.popitem(last=False)
                     yield msg
     finally:
         await conn.close()

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from splitinfer.actors.presence import Presence
 from splitinfer.actors.transport import Deliveries, Logger, Names, NoBroker, Session, first_line, header_str
+from splitinfer.actors.transport.topology import dead_letter_headers, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import ErrorResult, Message, MessageError, PartRef, ServerState, decode, encode
 from splitinfer.monitor.runtime import system_load
@@ -153,31 +154,51 @@ class Actor:
         return decode(message.body, max_bytes=self.settings.max_message_bytes, expect=expect)
 
     async def dead_letter(self, message: AbstractIncomingMessage, err: MessageError, *, job_id: str | None = None,
-                          deployment: str | None = None) -> None:
-        """An error result for the message's job (to its reply_to), then the message to `<ns>.dead`."""
+                          deployment: str | None = None, answer: bool = True) -> None:
+        """An error result for the message's job (to its reply_to; `answer=False`: none), then the message to
+        `<ns>.dead` with the reason."""
         job_id = job_id or err.job_id or header_str(message, "request_id")
         self.stats["errors"] += 1
         self.log.warning("dead_letter", code=err.code, reason=err.reason, job_id=job_id, queue=message.routing_key)
-        await self.publish_error(job_id, err.code, err.reason, reply_to=header_str(message, "reply_to"),
-                                 deployment=deployment)
-        await self.deliveries.reject(message)
+        if answer:
+            await self.publish_error(job_id, err.code, err.reason, reply_to=header_str(message, "reply_to"),
+                                     deployment=deployment)
+        await self.to_dead_letters(message, err.code, err.reason)
+
+    async def to_dead_letters(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
+        """Move a delivery to `<ns>.dead` with why (headers `x-splitinfer-*`: code, reason, actor, where it came
+        from, so `splitinfer dead --requeue` can send it back), then ack it. If that copy cannot be published, the
+        delivery is rejected instead: the queue's dead-letter exchange still takes it, without our reason."""
+        headers = {**(message.headers or {}), **dead_letter_headers(message, code, reason, self.id)}
+        try:
+            await self.publisher.publish("dead", "", message.body, headers=headers, mandatory=False, persistent=True)
+        except Exception as exc:
+            self.log.error("dead_letter_publish_failed", error=first_line(exc))
+            await self.deliveries.reject(message)
+            return
+        await self.deliveries.ack(message)
 
     async def publish_error(self, job_id: str | None, code: str, message: str, *, reply_to: str | None = None,
-                            deployment: str | None = None, plan: str | None = None) -> None:
+                            deployment: str | None = None, plan: str | None = None) -> bool:
         """An ErrorResult on `<ns>.results` (key reply_to / job id) and on control `error.<id>`. An error that
         belongs to no job (say, an undecodable control message) goes to control only: on the results exchange
-        nobody could match it and the result store would keep an orphan row."""
+        nobody could match it and the result store would keep an orphan row. A reply_to or job id that cannot be
+        a routing key is skipped (its publish could never succeed). True once it is on the results exchange."""
         body = encode(ErrorResult(job_id=job_id, deployment=deployment, code=code, message=message[:1000],
                                   where=self.id, plan=plan))
-        key = reply_to or job_id
+        key = next((k for k in (reply_to, job_id) if k and key_problem(k, "key") is None), None)
         targets = [("control", self.names.error_key(self.id))]
         if key:
             targets.insert(0, ("results", self.names.result_key(key)))
+        answered = False
         for exchange, rk in targets:
             try:
-                await self.publisher.publish(exchange, rk, body, headers={"job_id": job_id or ""}, mandatory=False)
+                await self.publisher.publish(exchange, rk, body, headers={"job_id": (job_id or "")[:1000]},
+                                             mandatory=False)
+                answered = answered or exchange == "results"
             except Exception as exc:
                 self.log.error("error_publish_failed", error=first_line(exc))
+        return answered
 
     # ------------------------------------------------------------------ what the heartbeats say
     def hosted_parts(self) -> list[PartRef]:

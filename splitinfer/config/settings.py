@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,19 @@ class Settings(BaseSettings):
     result_store_url: str = ""
     # A job with no deadline of its own gets this one (seconds from submission).
     job_deadline_s: float = Field(default=30.0, gt=0)
+
+    # --- durability and overload (README "Durability")
+    # The queues that hold work the broker must keep (jobs, job notices, control services, the result store's and
+    # the dead letters): "classic" on one node (fastest), "quorum" on a broker cluster (replicated: a node may
+    # fail). The data plane's part queues stay classic: their tensors are recomputed, never the only copy.
+    queue_type: Literal["classic", "quorum"] = "classic"
+    dead_letter_max: int = Field(default=10_000, ge=1)        # the dead-letter queue keeps at most this many
+    dead_letter_max_mb: float = Field(default=256.0, gt=0)    # ... and this many MB (the oldest are dropped)
+    dead_letter_ttl_s: float = Field(default=7 * 86400.0, gt=0)  # ... each for at most this long
+    answer_retention_s: float = Field(default=600.0, ge=0)   # a job id submitted again within this gets its answer
+    answer_retention_mb: float = Field(default=64.0, ge=0)   # answers a front end keeps for that, at most
+    client_max_inflight: int = Field(default=64, ge=1)       # a Client's jobs in the cluster at once; more wait
+    max_batch_mb: float = Field(default=16.0, gt=0)          # a batch's inputs at most (a larger job runs in slices)
 
     # --- sites, link emulation, monitors (monitor/links.py, actors/monitors.py)
     # Off by default. On: a tensor that crosses from site A to site B waits, at its receiver, RTT + bytes/bandwidth

@@ -221,7 +221,7 @@ class FaultyServer(Actor):
     async def setup(self) -> None:
         q = await declare_control_queue(self.channel, self.names, f"{self.names.ns}.server.{self.id}",
                                         [self.names.load_key(self.id), self.names.unload_key(self.id)],
-                                        expires_s=60)
+                                        self.connection.policy)
 
         async def on(message):
             msg = self.decode(message, expect=(LoadPart, UnloadPart))

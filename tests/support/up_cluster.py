@@ -18,10 +18,11 @@ from splitinfer.config import Settings
 
 
 @contextlib.contextmanager
-def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", **env_extra: str):
-    """Yields (ns, env, settings, up, root, store_url, log); SIGTERM at exit, like Ctrl-C."""
+def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", ns: str | None = None, **env_extra: str):
+    """Yields (ns, env, settings, up, root, store_url, log); SIGTERM at exit, like Ctrl-C. `ns` runs an existing
+    namespace again (a restart of `up`); SPLITINFER_BROKER_URL in env_extra points it at another broker."""
     root = Path(root)
-    ns = f"{run_prefix}.{tag}{uuid.uuid4().hex[:6]}"
+    ns = ns or f"{run_prefix}.{tag}{uuid.uuid4().hex[:6]}"
     store_url = f"sqlite:///{root / 'results.db'}"
     env = {
         **os.environ,
@@ -40,7 +41,8 @@ def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", **env_
         up = subprocess.Popen([sys.executable, "-m", "splitinfer.cli", "up", "--config", str(cfg)], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     settings = Settings(namespace=ns, cache_dir=root / "cache", result_store_url=store_url, queue_expires_s=600,
-                        profile_dir=Settings().profile_cache())
+                        profile_dir=Settings().profile_cache(),
+                        broker_url=env_extra.get("SPLITINFER_BROKER_URL", Settings().broker_url))
     yield SimpleNamespace(ns=ns, env=env, settings=settings, up=up, root=root, store_url=store_url, log=log_path)
     children = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
     up.send_signal(signal.SIGTERM)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitinfer.actors.front_end.tracker import JobTracker, PendingJob, attempt_request_id
+from splitinfer.actors.front_end.tracker import Admission, AnswerMemory, JobTracker, PendingJob, attempt_request_id
 
 
 def job(job_id="j1", outputs=("out:0",), now=0.0, deadline_s=10.0, attempt_timeout_s=4.0) -> PendingJob:
@@ -111,3 +111,64 @@ def test_next_wakeup_is_the_nearest_deadline_or_retry():
     t.admit(job("a", deadline_s=10.0, attempt_timeout_s=4.0), now=0.0)
     t.admit(job("b", deadline_s=3.0, attempt_timeout_s=5.0), now=0.0)
     assert t.next_wakeup(now=1.0) == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------ reliability bookkeeping
+
+def test_deliveries_are_counted_per_unanswered_job_and_forgotten_once_answered():
+    t = JobTracker()
+    assert [t.count_delivery("j1") for _ in range(3)] == [1, 2, 3]
+    assert t.count_delivery("j2", at_least=5) == 5  # the broker's own count (a quorum queue's) wins when higher
+    t.admit(job("j1"), now=0.0)
+    t.on_answered("j1", now=1.0)
+    assert t.count_delivery("j1") == 1
+
+
+def test_retry_now_starts_a_new_attempt_whatever_the_budget_and_only_for_jobs_it_sends():
+    t = JobTracker(max_retries=0)
+    t.admit(job("j1"), now=0.0)
+    client_job = job("c1")
+    t.admit(client_job, now=0.0, retries=False)
+    again = t.retry_all_now(now=0.5)
+    assert [j.job_id for j in again] == ["j1"] and again[0].request_id == attempt_request_id("j1", 1)
+    # both attempts' outputs count for the job
+    assert t.on_output(attempt_request_id("j1", 0), "out:0", np.ones(1), [], "s", now=0.6).kind == "result"
+    assert t.retry_now("c1") is None and t.retry_now("nope") is None
+
+
+def test_forget_lets_an_answered_id_run_again():
+    t = JobTracker()
+    t.admit(job("j1"), now=0.0)
+    t.on_answered("j1", now=1.0)
+    assert t.admit(job("j1"), now=2.0).code == "duplicate_job"
+    t.forget("j1")
+    assert t.admit(job("j1", now=2.0), now=2.0) is None
+
+
+def test_answer_memory_keeps_answers_within_its_age_and_bytes():
+    m = AnswerMemory(retention_s=10.0, max_bytes=100)
+    m.keep("a", b"x" * 40, now=0.0)
+    m.keep("b", b"y" * 40, now=1.0)
+    assert m.get("a", now=2.0) == b"x" * 40
+    m.keep("c", b"z" * 40, now=3.0)  # 120 bytes: the oldest goes
+    assert m.get("a", now=3.0) is None and m.get("b", now=3.0) == b"y" * 40
+    assert m.get("b", now=11.5) is None  # older than the retention
+    m.keep("huge", b"h" * 101, now=12.0)
+    assert m.get("huge", now=12.0) is None
+    assert AnswerMemory(0.0, 100).get("a") is None
+
+
+def test_admission_refuses_a_job_that_cannot_finish_by_the_recent_rate():
+    a = Admission()
+    assert a.refusal("d", 0.001, now=0.0) is None  # nothing seen yet: every job goes in
+    for k in range(10):
+        a.sent("d")
+        a.done("d", 0.1, now=k * 0.5)  # 10 answers in 5 s: 2/s, 0.1 s each unloaded
+    assert a.refusal("d", 0.05, now=5.0) is not None  # below the unloaded latency
+    assert a.refusal("d", 0.6, now=5.0) is None       # 1 in flight / 2 per s = 0.5 s
+    for _ in range(20):
+        a.sent("d")
+    reason = a.refusal("d", 2.0, now=5.0)             # 21 / 2 per s = 10.5 s expected
+    assert reason is not None and "20 in flight" in reason
+    a.done("d", None, now=5.0)                         # an error: no latency learnt, one fewer in flight
+    assert a.inflight["d"] == 19

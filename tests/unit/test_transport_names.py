@@ -30,3 +30,31 @@ def test_names_are_namespaced():
     names = [n.replica_queue(d, p, 1) for d, p in pairs] + [n.part_exchange(d, p) for d, p in pairs]
     assert all(re.fullmatch(r"[A-Za-z0-9_.:-]+", x) for x in names), names
     assert len(set(names)) == len(names)
+
+
+def test_key_problem_refuses_what_cannot_be_a_routing_key():
+    from splitinfer.actors.transport.topology import MAX_ROUTING_KEY_BYTES, escape_key, key_problem
+
+    assert key_problem("job-1", "job id") is None
+    assert key_problem("", "reply_to") == "reply_to is empty"
+    fits = "a" * MAX_ROUTING_KEY_BYTES
+    assert key_problem(fits, "job id") is None
+    grows = "a." * 95  # 190 characters, more than 255 bytes once each '.' is escaped
+    assert len(escape_key(grows).encode()) > MAX_ROUTING_KEY_BYTES
+    assert "routing key" in key_problem(grows, "job id")
+    assert key_problem("é" * 200, "reply_to") is not None  # bytes, not characters
+
+
+def test_queue_policy_declares_kept_queues_by_type_and_bounds_the_dead_letters():
+    from splitinfer.actors.transport.topology import Names, QueuePolicy
+
+    names = Names("ns")
+    classic = QueuePolicy()
+    assert classic.arguments(names) == {"x-dead-letter-exchange": "ns.dead"}
+    quorum = QueuePolicy(queue_type="quorum", expires_s=60)
+    assert quorum.arguments(names)["x-queue-type"] == "quorum"
+    assert "x-queue-type" not in quorum.arguments(names, kept=False)
+    assert quorum.arguments(names)["x-expires"] == 60_000
+    dead = QueuePolicy(dead_max=5, dead_max_bytes=1000, dead_ttl_s=2).dead_arguments(names)
+    assert dead["x-max-length"] == 5 and dead["x-max-length-bytes"] == 1000 and dead["x-message-ttl"] == 2000
+    assert dead["x-overflow"] == "drop-head" and "x-dead-letter-exchange" not in dead

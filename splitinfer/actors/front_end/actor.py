@@ -27,13 +27,21 @@ import time
 from aio_pika.abc import AbstractIncomingMessage
 
 from splitinfer.actors.actor import Actor, run_actor
-from splitinfer.actors.front_end.tracker import Answer, JobTracker, PendingJob, redelivered_request_id
+from splitinfer.actors.front_end.tracker import (
+    Admission,
+    Answer,
+    AnswerMemory,
+    JobTracker,
+    PendingJob,
+    redelivered_request_id,
+)
 from splitinfer.actors.front_end.watch import ServerWatch, route
 from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.monitors import NetworkMonitor, follow_links
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.transport import Stopped, Unroutable, first_line, header_str
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, queue_arguments
+from splitinfer.actors.transport.retry import ANSWER, MAX_JOB_DELIVERIES
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, declare_kept_queue, escape_key, key_problem
 from splitinfer.messages import (
     Deregister,
     ErrorResult,
@@ -70,6 +78,9 @@ class FrontEnd(Actor):
         self.pool = PoolClient(self.rpc, self.settings.pool_chunk_bytes)
         self.registry = RegistryClient(self.rpc)
         self.tracker = JobTracker()
+        self.kept_answers = AnswerMemory(self.settings.answer_retention_s,
+                                         int(self.settings.answer_retention_mb * 1024 * 1024))
+        self.admission = Admission()
         self.manifests: dict[str, Manifest] = {}
         self.plans: dict[str, PlanTable] = {}           # model deployment -> its plan table
         self.servers = ServerWatch(self.settings.liveness_timeout_s)
@@ -97,13 +108,9 @@ class FrontEnd(Actor):
         answers = await self.channel.declare_queue(f"{self.inbox_name}.answers", exclusive=True, auto_delete=True)
         await answers.bind(results, routing_key="#")
         await self.consume(answers, self.on_answer)
-        inflight = await self.channel.declare_queue(
-            self.names.inflight, durable=True,
-            arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
+        inflight = await declare_kept_queue(self.channel, self.names, self.names.inflight, self.connection.policy)
         await self.consume(inflight, self.on_notice, prefetch=self.settings.max_inflight_jobs)
-        jobs = await self.channel.declare_queue(
-            self.names.jobs, durable=True,
-            arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
+        jobs = await declare_kept_queue(self.channel, self.names, self.names.jobs, self.connection.policy)
         await self.consume(jobs, self.on_job, prefetch=self.settings.max_inflight_jobs)
         # heartbeats (who is down, who hosts what, the device's battery) and pushed plan tables
         watch = await self.channel.declare_queue(f"{self.inbox_name}.watch", exclusive=True, auto_delete=True)
@@ -111,6 +118,7 @@ class FrontEnd(Actor):
             await watch.bind(control, routing_key=key)
         await self.consume(watch, self.on_watch)
         self.spawn(self._timer_loop(), name="deadlines")
+        self.connection.on_reconnect(self._resend_after_outage)
         await follow_links(self)  # SetLinks orders, network probes
         NetworkMonitor(self).start()
         self.log("serving", jobs=self.names.jobs, inflight=self.names.inflight, inbox=self.inbox_name)
@@ -127,6 +135,10 @@ class FrontEnd(Actor):
             return
         meta = frame.meta
         job_id = frame.job_id
+        pending = self.tracker.pending.get(job_id)
+        if pending is not None and message.redelivered:
+            pending.ack = [message]  # our channel was lost and the broker handed it back: ack this one when answered
+            return
         if self.tracker.another_attempt(job_id, frame.request_id) or self.tracker.is_answered(job_id):
             await self.deliveries.ack(message)  # a retry's notice, or its answer came first: nothing new to track
             return
@@ -170,16 +182,18 @@ class FrontEnd(Actor):
             return
         assert isinstance(job, InferenceJob)
         reply_to = job.reply_to or header_str(message, "reply_to") or job.job_id
-        if self.tracker.is_answered(job.job_id) or job.job_id in self.tracker.pending:
-            # a job id we answered or are running: never answer twice
-            pending = self.tracker.pending.get(job.job_id)
-            if pending is not None and message.redelivered:
-                # our channel was lost and the broker handed the job back: the old delivery tag is dead, so this
-                # is the one to ack when the answer goes out
-                pending.ack = [message]
-            else:
-                self.log.warning("duplicate_job_dropped", job_id=job.job_id, redelivered=message.redelivered)
-                await self.deliveries.ack(message)
+        # an id that cannot become a routing key could never be answered: refused before any computation
+        for value, what, code in ((job.job_id, "job id", "bad_job_id"), (reply_to, "reply_to", "bad_reply_to")):
+            problem = key_problem(value, what)
+            if problem is not None:
+                await self._reject(message, job, reply_to, code, f"job {job.job_id[:64]}: {problem}")
+                return
+        if await self._seen_before(message, job, reply_to):
+            return
+        deliveries = self.tracker.count_delivery(job.job_id, _delivery_count(message))
+        if deliveries > MAX_JOB_DELIVERIES:
+            await self._reject(message, job, reply_to, "poison_job",
+                               f"job {job.job_id} was delivered {deliveries} times without being answered")
             return
         manifest, problem = await self.manifest(job.deployment)
         if manifest is None:
@@ -197,12 +211,18 @@ class FrontEnd(Actor):
         # time already spent since submission (queueing) counts against the deadline; a clock ahead of ours
         # (submitted_at in the future) does not extend it
         remaining = min(deadline_s, job.submitted_at + deadline_s - received_wall)
+        refusal = self.admission.refusal(job.deployment, remaining, now) if remaining > 0 else None
+        if refusal is not None:  # it cannot finish in time: answered now, the pipeline keeps to jobs that can
+            await self._reject(message, job, reply_to, "deadline_exceeded", f"job {job.job_id}: {refusal}",
+                               dead_letter=False)
+            return
         pending = PendingJob(
             job_id=job.job_id, deployment=job.deployment, reply_to=reply_to, inputs=dict(job.inputs),
             final_outputs=manifest.output_names, received_at=now, deadline=now + remaining,
             attempt_timeout_s=max(0.05, deadline_s * self.tracker.retry_share), ack=[message],
             first_request_id=redelivered_request_id(job.job_id) if message.redelivered else None,
-            route=to, plan=plan_id, requirements=job.requirements, error_to=self.internal_reply_to)
+            route=to, plan=plan_id, requirements=job.requirements, error_to=self.internal_reply_to,
+            generation=self.connection.reconnects)
         # the first hop: the job's trip from the submitter to here (clocks of one machine; across machines it
         # includes their offset, so it is clamped at 0)
         pending.timings["(job)"] = [["job", self.id, max(0.0, received_wall - job.submitted_at), 0.0, 0.0, 0.0, 1,
@@ -211,17 +231,63 @@ class FrontEnd(Actor):
         if early is not None:
             await self._answer(early)
             return
+        self.admission.sent(job.deployment)
         await self._send_inputs(pending)
         self._wake.set()
 
+    async def _seen_before(self, message: AbstractIncomingMessage, job: InferenceJob, reply_to: str) -> bool:
+        """A job id this front end runs or answered: never computed twice, never left unanswered.
+        - running, handed back by the broker (our channel was lost: a broker restart): this delivery is the one to
+          ack; the inputs already went out again when the connection came back (`_resend_after_outage`);
+        - running, submitted again: acked, and the answer goes to this submission's reply_to too;
+        - answered, submitted again: its kept answer again (else, past the retention, it runs as a new job);
+        - answered, handed back by the broker: acked (its answer went out before the channel was lost)."""
+        pending = self.tracker.pending.get(job.job_id)
+        if pending is not None:
+            if message.redelivered or pending.generation != self.connection.reconnects:
+                pending.ack = [message]
+                pending.generation = self.connection.reconnects
+            else:
+                if reply_to != pending.reply_to and reply_to not in pending.also_reply:
+                    pending.also_reply.append(reply_to)
+                self.log("job_joined", job_id=job.job_id, reply_to=reply_to)
+                await self.deliveries.ack(message)
+            return True
+        if not self.tracker.is_answered(job.job_id):
+            return False
+        if message.redelivered:
+            await self.deliveries.ack(message)
+            return True
+        kept = self.kept_answers.get(job.job_id)
+        if kept is None:
+            self.tracker.forget(job.job_id)  # its answer is no longer kept: run it again
+            return False
+        try:
+            await self.publisher.publish("results", self.names.result_key(reply_to), kept, mandatory=False,
+                                         headers={"job_id": job.job_id, "again": True}, backoff=ANSWER)
+        except Exception as exc:
+            self.log.error("answer_again_failed", job_id=job.job_id, error=first_line(exc))
+            await self.to_dead_letters(message, "answer_failed", f"the kept answer could not be sent: "
+                                                                 f"{first_line(exc)}")
+            return True
+        self.log("job_answered_again", job_id=job.job_id, reply_to=reply_to)
+        await self.deliveries.ack(message)
+        return True
+
     async def _reject(self, message: AbstractIncomingMessage, job: InferenceJob, reply_to: str, code: str,
-                      reason: str) -> None:
-        """A job that cannot run: one error answer, then the job goes to the dead-letter queue."""
-        self.tracker.answered[job.job_id] = None
+                      reason: str, *, dead_letter: bool = True) -> None:
+        """A job that cannot run: one error answer (where its ids can route), then the job goes to the dead-letter
+        queue with the reason (`dead_letter=False`: it was fine, only too late: acked)."""
+        if key_problem(job.job_id, "job id") is None:
+            self.tracker.forget(job.job_id)
+            self.tracker.answered[job.job_id] = None
         await self.publish_error(job.job_id, code, reason, reply_to=reply_to, deployment=job.deployment)
         self.stats["errors"] += 1
-        self.log.warning("job_rejected", job_id=job.job_id, code=code, reason=reason)
-        await self.deliveries.reject(message)
+        self.log.warning("job_rejected", job_id=job.job_id[:200], code=code, reason=reason)
+        if dead_letter:
+            await self.to_dead_letters(message, code, reason)
+        else:
+            await self.deliveries.ack(message)
 
     async def _send_inputs(self, job: PendingJob) -> None:
         """The job's inputs as one frame each to `<ns>.tensors`, under the attempt's request id."""
@@ -242,6 +308,9 @@ class FrontEnd(Actor):
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             exc = failed[0]
+            if not self.connection.is_open:  # the broker is away: sent again when the connection is back
+                self.log.warning("job_send_deferred", job_id=job.job_id, error=first_line(exc))
+                return
             if isinstance(exc, Unroutable):
                 code, reason = "not_deployed", f"no server serves an input of deployment {to} (load its parts first)"
             else:
@@ -259,8 +328,9 @@ class FrontEnd(Actor):
         if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
             return  # a part's error for us: the inbox takes it
         job_id = _answer_job_id(message.body, self.settings.max_message_bytes)
-        if job_id is None:
+        if job_id is None or (message.headers or {}).get("again"):
             return
+        self.kept_answers.keep(job_id, message.body)
         answer = self.tracker.on_answered(job_id)
         if answer is not None:
             await self._settle(answer)
@@ -316,28 +386,57 @@ class FrontEnd(Actor):
                         "srv": self.id, "site": self.site, "sent": time.time(), "hops": [list(h) for h in hops]}
                 if job.plan is not None:
                     meta.update(model=job.deployment, plan=job.plan)
-                await self.publisher.publish("results", key, encode_frame(RESULT, meta, job.outputs), mandatory=False)
+                await self.publisher.publish("results", key, encode_frame(RESULT, meta, job.outputs), mandatory=False,
+                                             backoff=ANSWER)
             elif answer.kind == "error":
-                await self.publish_error(job.job_id, answer.code or "error", answer.message or "",
-                                         reply_to=job.reply_to, deployment=job.deployment, plan=job.plan)
-        except Exception as exc:  # the answer could not be confirmed: hand the job back for a new try
+                if not await self.publish_error(job.job_id, answer.code or "error", answer.message or "",
+                                                reply_to=job.reply_to, deployment=job.deployment, plan=job.plan):
+                    raise ConnectionError("the error answer was not confirmed")
+        except Exception as exc:
+            if not self.connection.is_open:
+                # the broker is away: it hands the job back when we reconnect, and it runs again then
+                self.log.warning("answer_deferred", job_id=job.job_id, error=first_line(exc))
+                self.tracker.forget(job.job_id)
+                return
+            # the broker refuses this answer: trying the job again would loop; to the dead letters, with why
             self.log.error("answer_failed", job_id=job.job_id, error=first_line(exc))
-            self.tracker.answered.pop(job.job_id, None)
             for m in job.ack:
-                await self.deliveries.requeue(m)
+                await self.to_dead_letters(m, "answer_failed", f"its answer could not be published: "
+                                                               f"{first_line(exc)}")
             return
         await self._settle(answer)
 
     async def _settle(self, answer: Answer) -> None:
+        """The job is answered: ack its deliveries, send its answer to the submissions that joined it meanwhile."""
         job = answer.job
+        now = asyncio.get_running_loop().time()
         if answer.kind == "error":
             self.stats["errors"] += 1
         else:
             self.stats["processed"] += 1
+        if job.resend:
+            self.admission.done(job.deployment, answer.latency_s if answer.kind != "error" else None, now)
         self.log("job_answered", job_id=job.job_id, kind=answer.kind, code=answer.code,
                  latency_ms=round(answer.latency_s * 1e3, 2), attempts=job.attempt + 1)
+        kept = self.kept_answers.get(job.job_id)
+        for reply_to in job.also_reply:
+            if kept is None:
+                break
+            with contextlib.suppress(Exception):
+                await self.publisher.publish("results", self.names.result_key(reply_to), kept, mandatory=False,
+                                             headers={"job_id": job.job_id, "again": True}, backoff=ANSWER)
         for m in job.ack:
             await self.deliveries.ack(m)
+
+    async def _resend_after_outage(self) -> None:
+        """The connection is back: tensors in flight were transient and may be gone with the broker, so every job
+        this front end sends itself goes out again now, not at its retry time (its deliveries come back too)."""
+        now = asyncio.get_running_loop().time()
+        jobs = self.tracker.retry_all_now(now)
+        if jobs:
+            self.log.warning("jobs_resent_after_outage", jobs=len(jobs), reconnects=self.connection.reconnects)
+        for job in jobs:
+            await self._send_inputs(job)
 
     # ------------------------------------------------------------------ deadlines and retries
     async def _timer_loop(self) -> None:
@@ -454,6 +553,12 @@ class FrontEnd(Actor):
         self.manifests.pop(msg.name, None)
 
 
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """Deliveries before this one as the broker counts them (quorum queues: `x-delivery-count`), else 0."""
+    count = (message.headers or {}).get("x-delivery-count")
+    return int(count) + 1 if isinstance(count, int) else 0
+
+
 def _answer_job_id(body: bytes, max_bytes: int) -> str | None:
     """The job an answer on `<ns>.results` is for (a result frame or an ErrorResult), None if it names none."""
     try:
@@ -471,3 +576,4 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--site", default="", help="the client's site (link emulation, network monitor)")
     args = parser.parse_args(argv)
     run_actor(FrontEnd(args.id, site=args.site))
+

@@ -10,14 +10,18 @@
   (`on_answered`) and stops tracking; it builds a result itself only for a deployment whose final outputs leave
   from several parts (`on_output`), and answers errors and deadlines (a deadline once its grace has passed too, so
   a late answer on its way is not contradicted);
-- the first complete result or error wins; whatever arrives for an answered job is dropped (bounded memory).
+- the first complete result or error wins; whatever arrives for an answered job is dropped (bounded memory);
+- an answered job's answer is kept for a while (`AnswerMemory`, bounded in bytes and age), so a job id submitted
+  again gets that answer again; a job delivered over and over without an answer is poison (`count_delivery`);
+- the latencies of recent answers per deployment (`LatencyWindow`) tell admission whether a job's remaining
+  deadline can still be met.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +66,8 @@ class PendingJob:
     error_to: str = ""            # where the parts send errors about this job
     resend: bool = True           # the tracker re-sends it (else its sender does, and says so: another_attempt)
     requests: list[str] = field(default_factory=list)  # request ids of attempts its sender made
+    also_reply: list[str] = field(default_factory=list)  # reply_to of the same job id submitted again meanwhile
+    generation: int = 0           # the connection (its reconnect count) its deliveries came on
 
     @property
     def request_id(self) -> str:
@@ -88,6 +94,7 @@ class JobTracker:
         self.pending: dict[str, PendingJob] = {}        # job_id -> job
         self.by_request: dict[str, str] = {}            # request id of every attempt of a pending job -> job_id
         self.answered: OrderedDict[str, None] = OrderedDict()
+        self.deliveries: OrderedDict[str, int] = OrderedDict()  # job id -> times delivered while unanswered
 
     # -- intake
     def is_answered(self, job_id: str) -> bool:
@@ -122,6 +129,34 @@ class JobTracker:
         """The pending job a request id belongs to, any attempt (a late first attempt's output is the same work)."""
         job_id = self.by_request.get(request_id)
         return None if job_id is None else self.pending.get(job_id)
+
+    def count_delivery(self, job_id: str, at_least: int = 0) -> int:
+        """One more delivery of an unanswered job (at least `at_least`, e.g. a quorum queue's delivery count):
+        how many so far."""
+        n = max(self.deliveries.get(job_id, 0) + 1, at_least)
+        self.deliveries[job_id] = n
+        self.deliveries.move_to_end(job_id)
+        while len(self.deliveries) > ANSWERED_MEMORY:
+            self.deliveries.popitem(last=False)
+        return n
+
+    def forget(self, job_id: str) -> None:
+        """An answered job whose answer is no longer kept: its id may run again as a new job."""
+        self.answered.pop(job_id, None)
+
+    def retry_now(self, job_id: str, now: float | None = None) -> PendingJob | None:
+        """Start the job's next attempt now (its tensors were lost with the broker's transient messages), whatever
+        its retry budget: it is not a slow attempt. None if it is not pending or its sender re-sends it."""
+        job = self.pending.get(job_id)
+        if job is None or not job.resend or job.outputs:
+            return None
+        job.attempt += 1
+        job.attempt_started = time.monotonic() if now is None else now
+        self.by_request[job.request_id] = job.job_id
+        return job
+
+    def retry_all_now(self, now: float | None = None) -> list[PendingJob]:
+        return [j for j in (self.retry_now(jid, now) for jid in list(self.pending)) if j is not None]
 
     # -- data back from the parts
     def on_output(self, request_id: str, tensor: str, array: Any, hops: list | None, server: str | None,
@@ -198,5 +233,88 @@ class JobTracker:
     def _remember(self, job_id: str) -> None:
         self.answered[job_id] = None
         self.answered.move_to_end(job_id)
+        self.deliveries.pop(job_id, None)
         while len(self.answered) > ANSWERED_MEMORY:
             self.answered.popitem(last=False)
+
+
+class AnswerMemory:
+    """The answers of recent jobs as published (bytes), kept for `retention_s` and at most `max_bytes` in all
+    (oldest dropped first): a job id submitted again within that window gets the same answer again."""
+
+    def __init__(self, retention_s: float, max_bytes: int):
+        self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._kept: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def keep(self, job_id: str, body: bytes, now: float | None = None) -> None:
+        if self.retention_s <= 0 or len(body) > self.max_bytes or job_id in self._kept:
+            return
+        now = time.monotonic() if now is None else now
+        self._kept[job_id] = (now, bytes(body))
+        self.size += len(body)
+        self._expire(now)
+
+    def get(self, job_id: str, now: float | None = None) -> bytes | None:
+        self._expire(time.monotonic() if now is None else now)
+        kept = self._kept.get(job_id)
+        return None if kept is None else kept[1]
+
+    def _expire(self, now: float) -> None:
+        while self._kept:
+            job_id, (at, body) = next(iter(self._kept.items()))
+            if self.size <= self.max_bytes and now - at <= self.retention_s:
+                return
+            self._kept.popitem(last=False)
+            self.size -= len(body)
+
+
+class Admission:
+    """What a new job of a deployment can expect to take, from the answers seen: at least the time a job takes
+    unloaded (a low percentile of recent latencies), and by Little's law the jobs in flight ahead of it divided by
+    the recent answer rate. A job whose remaining deadline is below that is answered at once instead of being sent
+    in: under overload the pipeline keeps working on jobs that can still finish (goodput), not on doomed ones."""
+
+    WINDOW = 64          # recent latencies kept per deployment
+    BASE_QUANTILE = 0.2  # the unloaded latency: this quantile of them
+    RATE_WINDOW_S = 5.0  # the answer rate over this long
+    MIN_ANSWERS = 5      # fewer answers in the window: no rate to go by
+
+    def __init__(self):
+        self._latency: dict[str, deque] = {}
+        self._answers: dict[str, deque] = {}
+        self.inflight: dict[str, int] = {}
+
+    def sent(self, deployment: str) -> None:
+        self.inflight[deployment] = self.inflight.get(deployment, 0) + 1
+
+    def done(self, deployment: str, latency_s: float | None, now: float) -> None:
+        """A job of the deployment is over; `latency_s` when it was answered with a result."""
+        self.inflight[deployment] = max(0, self.inflight.get(deployment, 0) - 1)
+        if latency_s is not None:
+            self._latency.setdefault(deployment, deque(maxlen=self.WINDOW)).append(latency_s)
+            self._answers.setdefault(deployment, deque()).append(now)
+
+    def expected(self, deployment: str, now: float) -> float | None:
+        """Seconds a job sent now should take; None before any answer was seen."""
+        seen = self._latency.get(deployment)
+        if not seen:
+            return None
+        ordered = sorted(seen)
+        base = ordered[int(self.BASE_QUANTILE * (len(ordered) - 1))]
+        times = self._answers[deployment]
+        while times and now - times[0] > self.RATE_WINDOW_S:
+            times.popleft()
+        if len(times) < self.MIN_ANSWERS:
+            return base
+        rate = len(times) / self.RATE_WINDOW_S
+        return max(base, (self.inflight.get(deployment, 0) + 1) / rate)
+
+    def refusal(self, deployment: str, remaining_s: float, now: float) -> str | None:
+        """Why a job with `remaining_s` left cannot finish in time, or None."""
+        expected = self.expected(deployment, now)
+        if expected is None or remaining_s >= expected:
+            return None
+        return (f"{remaining_s:.3g}s of its deadline left, jobs of {deployment} take about {expected:.3g}s now "
+                f"({self.inflight.get(deployment, 0)} in flight): answered at once, not sent")

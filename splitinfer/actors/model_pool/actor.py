@@ -53,8 +53,7 @@ class ModelPool(Actor):
     async def setup(self) -> None:
         self.store.root.mkdir(parents=True, exist_ok=True)
         q = await declare_control_queue(self.channel, self.names, self.names.pool_queue,
-                                        [Names.POOL_REQUEST, Names.POOL_UPLOAD],
-                                        expires_s=self.settings.queue_expires_s)
+                                        [Names.POOL_REQUEST, Names.POOL_UPLOAD], self.connection.policy)
         await self.consume(q, self._on_message)
         self.log("pool_ready", root=str(self.store.root), deployments=self.store.deployments())
 

@@ -25,7 +25,7 @@ class Registry(Actor):
     async def setup(self) -> None:
         q = await declare_control_queue(self.channel, self.names, self.names.registry_queue,
                                         ["register.*", "heartbeat.*", "deregister.*", Names.REGISTRY_QUERY],
-                                        expires_s=self.settings.queue_expires_s)
+                                        self.connection.policy)
         await self.consume(q, self._on_message)
         self.spawn(self._watch(), name="liveness")
 

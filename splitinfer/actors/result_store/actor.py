@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from splitinfer.actors.actor import Actor, run_actor
 from splitinfer.actors.result_store.store import ResultStore
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, queue_arguments
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, declare_kept_queue, escape_key
 from splitinfer.messages import ErrorResult, MessageError, ResultMessage
 from splitinfer.messages.frames import decode_frame, is_frame, result_message
 
@@ -37,13 +37,11 @@ class ResultStoreActor(Actor):
 
     @property
     def queue_name(self) -> str:
-        return f"{self.names.ns}.result_store"
+        return self.names.result_store_queue
 
     async def setup(self) -> None:
         assert self.channel is not None
-        queue = await self.channel.declare_queue(
-            self.queue_name, durable=True,
-            arguments=queue_arguments(self.names, expires_s=self.settings.queue_expires_s))
+        queue = await declare_kept_queue(self.channel, self.names, self.queue_name, self.connection.policy)
         await queue.bind(self.exchanges["results"], routing_key="#")
         await self.consume(queue, self.on_message)
         self.log("storing", url=self.store.url, queue=self.queue_name)
@@ -68,7 +66,7 @@ class ResultStoreActor(Actor):
                 self.names.ns, "error", job_id, code="undecodable_result", message=reason,
                 served_by=message.routing_key))
             self.stats["errors"] += 1
-            await self.deliveries.reject(message)
+            await self.to_dead_letters(message, "undecodable_result", reason)
             return
         row = dict(namespace=self.names.ns, job_id=msg.job_id, deployment=msg.deployment, plan=msg.plan,
                    body=bytes(message.body))

@@ -43,8 +43,7 @@ class StatePool(Actor):
     async def setup(self) -> None:
         q = await declare_control_queue(self.channel, self.names, self.names.state_pool_queue,
                                         ["register.*", "heartbeat.*", "deregister.*", Names.LINK_STATE,
-                                         Names.STATE_QUERY],
-                                        expires_s=self.settings.queue_expires_s)
+                                         Names.STATE_QUERY], self.connection.policy)
         await self.consume(q, self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

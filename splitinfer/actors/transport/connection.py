@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from splitinfer.actors.transport.retry import CLIENT_CONNECT_TIMEOUT_S, CONNECT, ONCE, Backoff
-from splitinfer.actors.transport.topology import Names, declare_core
+from splitinfer.actors.transport.retry import CLIENT_CONNECT_TIMEOUT_S, CONNECT, ONCE, RECONNECT_INTERVAL_S, Backoff
+from splitinfer.actors.transport.topology import Names, QueuePolicy, declare_core
 
 
 def masked(url: str) -> str:
@@ -59,12 +59,14 @@ class NoBroker(ConnectionError):
 class Connection:
     """One robust connection and its confirmed publishing channel, with the namespace's exchanges."""
 
-    def __init__(self, url: str, names: Names, name: str, *, prefetch: int, queue_expires_s: float | None = None):
+    def __init__(self, url: str, names: Names, name: str, *, prefetch: int, policy: QueuePolicy | None = None):
         self.url = url
         self.names = names
         self.name = name                       # shown by the broker (`rabbitmqctl list_connections`)
         self.prefetch = prefetch
-        self.queue_expires_s = queue_expires_s
+        self.policy = policy or QueuePolicy()
+        self.reconnects = 0                    # how often the connection came back after it was lost
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self.robust: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self.exchanges: dict[str, AbstractExchange] = {}
@@ -82,7 +84,8 @@ class Connection:
         last: Exception | None = None
         for attempt in range(backoff.attempts):
             try:
-                self.robust = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.name})
+                self.robust = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.name},
+                                                            reconnect_interval=RECONNECT_INTERVAL_S)
                 break
             except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
                 last = exc
@@ -93,7 +96,21 @@ class Connection:
         self.channel = await self.robust.channel(publisher_confirms=True, on_return_raises=True)
         await self.channel.set_qos(prefetch_count=self.prefetch)
         self._qos = self.prefetch
-        self.exchanges = await declare_core(self.channel, self.names, expires_s=self.queue_expires_s)
+        self.exchanges = await declare_core(self.channel, self.names, self.policy)
+        self.robust.reconnect_callbacks.add(self._reconnected)
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` each time the connection comes back (channels, queues and consumers restored): what was in
+        flight as transient messages (tensors) is gone after a broker restart and must be sent again."""
+        self._on_reconnect.append(callback)
+
+    async def _reconnected(self, *_args) -> None:
+        self.reconnects += 1
+        for callback in self._on_reconnect:
+            try:
+                await callback()
+            except Exception as exc:  # a failing hook must not stop the others or the connection
+                logging.getLogger("splitinfer").warning("reconnect hook failed: %s", exc)
 
     @property
     def is_open(self) -> bool:
@@ -133,10 +150,10 @@ class Connection:
                 return
 
     @contextlib.asynccontextmanager
-    async def scratch_channel(self) -> AsyncIterator[AbstractChannel]:
+    async def scratch_channel(self, on_return_raises: bool = False) -> AsyncIterator[AbstractChannel]:
         """A throwaway channel: a passive declare of a missing queue closes the channel it ran on."""
         assert self.robust is not None
-        ch = await self.robust.channel()
+        ch = await self.robust.channel(on_return_raises=on_return_raises)
         try:
             yield ch
         finally:

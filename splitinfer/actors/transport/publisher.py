@@ -1,6 +1,10 @@
 """Confirmed publishing: a publish returns once the broker confirmed it, and is retried with the PUBLISH backoff on
 a nack, a returned message or a lost channel. `soon()` starts one and returns its task, so the caller goes on while
-the confirm is pending (outputs are forwarded at once; their inputs are acked when the confirm arrives)."""
+the confirm is pending (outputs are forwarded at once; their inputs are acked when the confirm arrives).
+
+Durability by what a message carries: tensors are ephemeral (recomputed after a broker restart, never the only copy
+of work) and go out transient; jobs, results, errors and control messages go out persistent, so a durable queue
+keeps them across a broker restart. A caller may say otherwise (`persistent=`)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from splitinfer.actors.transport.retry import PUBLISH, Backoff, Unroutable, clas
 from splitinfer.messages import Message, encode
 
 
+EPHEMERAL_EXCHANGES = frozenset({"tensors"})
+
+
 class Publisher:
     def __init__(self, connection: Connection, log: Logger, spawn: Callable[[Awaitable], asyncio.Task]):
         self.connection = connection
@@ -24,10 +31,12 @@ class Publisher:
 
     async def publish(self, exchange: str, routing_key: str, msg: Message | bytes, *, headers: dict | None = None,
                       reply_to: str | None = None, correlation_id: str | None = None, mandatory: bool = True,
-                      persistent: bool = False, backoff: Backoff = PUBLISH) -> None:
+                      persistent: bool | None = None, backoff: Backoff = PUBLISH) -> None:
         """Publish and wait for the confirm. `exchange` as `Connection.exchange` takes it. A message no queue takes
         raises Unroutable once the tries are spent; other failures raise what the last try raised."""
         body = msg if isinstance(msg, (bytes, bytearray)) else encode(msg)
+        if persistent is None:
+            persistent = exchange not in EPHEMERAL_EXCHANGES
         amqp_msg = aio_pika.Message(
             body=bytes(body), headers=headers or {}, reply_to=reply_to, correlation_id=correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT)

@@ -39,6 +39,19 @@ PUBLISH = Backoff(attempts=4, first_s=0.1, max_s=0.8)
 ONCE = Backoff(attempts=1, first_s=0.0, max_s=0.0)
 # An actor process's first connection: the supervisor may start actors before the broker answers.
 CONNECT = Backoff(attempts=20, first_s=0.5, max_s=5.0)
+# A lost connection is tried again this often (aio-pika's robust connection; its default is 5 s).
+RECONNECT_INTERVAL_S = 1.0
+# A restarted model server loading again the parts it hosted: the model pool may not answer yet.
+RESTORE = Backoff(attempts=30, first_s=0.5, max_s=5.0)
+# A Client whose broker is away (restarting) keeps trying to send a job this way, never past the job's deadline.
+OUTAGE = Backoff(attempts=60, first_s=0.2, max_s=2.0)
+# A job answered `busy` (its front end tracks as many as it may) is sent again after these waits, within its deadline.
+BUSY = Backoff(attempts=8, first_s=0.05, max_s=1.0)
+# The front end's own answer (an error, an assembled result): more tries than a tensor's, then the job goes to the
+# dead-letter queue with the reason, never back to the jobs queue (that would recompute it forever).
+ANSWER = Backoff(attempts=6, first_s=0.1, max_s=2.0)
+# A job delivered this many times without being answered is poison: answered `poison_job`, dead-lettered.
+MAX_JOB_DELIVERIES = 3
 # A user's command or the SDK: one try, this long, then a one-line error (no minute of silent retries).
 CLIENT_CONNECT_TIMEOUT_S = 5.0
 # The supervisor restarts a crashed actor after these waits; a run this long counts as healthy (resets the count).

@@ -12,7 +12,7 @@ from splitinfer.actors.transport.connection import Connection
 from splitinfer.actors.transport.log import Logger, first_line
 from splitinfer.actors.transport.publisher import Publisher
 from splitinfer.actors.transport.rpc import RpcClient
-from splitinfer.actors.transport.topology import Names
+from splitinfer.actors.transport.topology import Names, QueuePolicy
 from splitinfer.config import Settings
 
 
@@ -23,7 +23,7 @@ class Session:
         self.names = Names(settings.namespace)
         self.log = log or Logger.silent(name, "session")
         self.connection = Connection(settings.broker_url, self.names, f"{name}@{self.names.ns}",
-                                     prefetch=settings.prefetch, queue_expires_s=settings.queue_expires_s)
+                                     prefetch=settings.prefetch, policy=QueuePolicy.from_settings(settings))
         self.publisher = Publisher(self.connection, self.log, self.spawn)
         self.rpc = RpcClient(self.connection, self.publisher, max_bytes=settings.max_message_bytes,
                              timeout_s=settings.rpc_timeout_s)

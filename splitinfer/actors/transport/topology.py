@@ -27,11 +27,15 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from splitinfer.actors.transport.log import first_line
 
 HASH_EXCHANGE_TYPE = "x-consistent-hash"
 # reply_to of the tensors a front end sends: errors about them come back to it, not to the user; the result store
@@ -164,21 +168,99 @@ class Names:
     def state_pool_queue(self) -> str:
         return f"{self.ns}.state_pool"
 
+    @property
+    def result_store_queue(self) -> str:
+        return f"{self.ns}.result_store"
 
-def queue_arguments(names: Names, *, single_active: bool = False, expires_s: float | None = None,
-                    dead_letter: bool = True) -> dict:
-    args: dict = {}
-    if dead_letter:
-        args["x-dead-letter-exchange"] = names.dead
-    if single_active:
-        args["x-single-active-consumer"] = True
-    if expires_s:
-        args["x-expires"] = int(expires_s * 1000)
-    return args
+    @property
+    def supervisor_lock(self) -> str:
+        """Held (an exclusive queue) by the namespace's one running supervisor."""
+        return f"{self.ns}.supervisor"
 
 
-async def declare_core(channel: AbstractChannel, names: Names, *, expires_s: float | None = None
-                       ) -> dict[str, AbstractExchange]:
+MAX_ROUTING_KEY_BYTES = 255  # AMQP shortstr: a longer routing key cannot be published at all
+
+
+def key_problem(value: str, what: str) -> str | None:
+    """Why `value` (a job id, a reply_to) cannot become a routing key on `<ns>.results`, or None when it can: an
+    answer that cannot be published would loop the job forever, so such ids are refused at admission."""
+    if not isinstance(value, str) or not value:
+        return f"{what} is empty"
+    size = len(escape_key(value).encode())
+    if size > MAX_ROUTING_KEY_BYTES:
+        return (f"{what} is {size} bytes as a routing key (its '.', '*', '#', '%' escaped), at most "
+                f"{MAX_ROUTING_KEY_BYTES} route")
+    return None
+
+
+DEAD_HEADER_PREFIX = "x-splitinfer-"
+
+
+def dead_letter_headers(message, code: str, reason: str, actor_id: str) -> dict:
+    """What a dead letter says about itself: why, who put it there, when, and where it was going (exchange and
+    routing key: `splitinfer dead --requeue` sends it back there)."""
+    return {f"{DEAD_HEADER_PREFIX}code": code, f"{DEAD_HEADER_PREFIX}reason": reason[:1000],
+            f"{DEAD_HEADER_PREFIX}actor": actor_id, f"{DEAD_HEADER_PREFIX}time": time.time(),
+            f"{DEAD_HEADER_PREFIX}exchange": message.exchange or "",
+            f"{DEAD_HEADER_PREFIX}routing-key": message.routing_key or ""}
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How a namespace's queues are declared: the type of the queues that hold work the broker must keep (jobs,
+    notices, control services, results, dead letters), their expiry (scratch namespaces) and the dead-letter
+    queue's bounds. Part queues are always classic: their tensors are ephemeral and latency matters most there."""
+
+    queue_type: str = "classic"
+    expires_s: float | None = None
+    dead_max: int = 10_000
+    dead_max_bytes: int = 256 * 1024 * 1024
+    dead_ttl_s: float = 7 * 86400.0
+
+    @classmethod
+    def from_settings(cls, settings) -> "QueuePolicy":
+        return cls(queue_type=settings.queue_type, expires_s=settings.queue_expires_s,
+                   dead_max=settings.dead_letter_max, dead_max_bytes=int(settings.dead_letter_max_mb * 1024 * 1024),
+                   dead_ttl_s=settings.dead_letter_ttl_s)
+
+    def arguments(self, names: Names, *, single_active: bool = False, dead_letter: bool = True,
+                  kept: bool = True) -> dict:
+        """x-arguments of a durable queue; `kept`: one holding work the broker must keep (takes `queue_type`)."""
+        args: dict = {}
+        if dead_letter:
+            args["x-dead-letter-exchange"] = names.dead
+        if single_active:
+            args["x-single-active-consumer"] = True
+        if self.expires_s:
+            args["x-expires"] = int(self.expires_s * 1000)
+        if kept and self.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
+        return args
+
+    def dead_arguments(self, names: Names) -> dict:
+        """The dead-letter queue: bounded in count, bytes and age; the oldest go first."""
+        return {**self.arguments(names, dead_letter=False), "x-max-length": self.dead_max,
+                "x-max-length-bytes": self.dead_max_bytes, "x-message-ttl": int(self.dead_ttl_s * 1000),
+                "x-overflow": "drop-head"}
+
+
+class TopologyMismatch(Exception):
+    """The namespace's queues exist with other arguments (another version or other settings declared them)."""
+
+
+async def declare_kept_queue(channel: AbstractChannel, names: Names, name: str, policy: QueuePolicy,
+                             arguments: dict | None = None) -> AbstractQueue:
+    """A durable queue holding work the broker must keep, declared as the policy says."""
+    args = arguments if arguments is not None else policy.arguments(names)
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=args)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"queue {name} exists with other arguments ({first_line(exc)}); remove the namespace's queues with "
+            f"`splitinfer down --purge` (or use another SPLITINFER_NAMESPACE)") from None
+
+
+async def declare_core(channel: AbstractChannel, names: Names, policy: QueuePolicy) -> dict[str, AbstractExchange]:
     """The namespace's exchanges, the dead-letter queue and the jobs queue (idempotent)."""
     ex = {
         "tensors": await channel.declare_exchange(names.tensors, aio_pika.ExchangeType.TOPIC, durable=True),
@@ -186,16 +268,14 @@ async def declare_core(channel: AbstractChannel, names: Names, *, expires_s: flo
         "control": await channel.declare_exchange(names.control, aio_pika.ExchangeType.TOPIC, durable=True),
         "dead": await channel.declare_exchange(names.dead, aio_pika.ExchangeType.FANOUT, durable=True),
     }
-    dlq = await channel.declare_queue(names.dead, durable=True,
-                                      arguments=queue_arguments(names, expires_s=expires_s, dead_letter=False))
+    dlq = await declare_kept_queue(channel, names, names.dead, policy, policy.dead_arguments(names))
     await dlq.bind(ex["dead"], routing_key="")
-    await channel.declare_queue(names.jobs, durable=True, arguments=queue_arguments(names, expires_s=expires_s))
+    await declare_kept_queue(channel, names, names.jobs, policy)
     return ex
 
 
 async def declare_part(channel: AbstractChannel, names: Names, deployment: str, part: str,
-                       input_tensors: Iterable[str], replicas: int, *, expires_s: float | None = None
-                       ) -> list[AbstractQueue]:
+                       input_tensors: Iterable[str], replicas: int, policy: QueuePolicy) -> list[AbstractQueue]:
     """The part's consistent-hash exchange bound to its input keys, and one SAC queue per replica (idempotent).
 
     Every server hosting a replica of the part declares all `replicas` queues, so the hash ring is the same
@@ -208,19 +288,18 @@ async def declare_part(channel: AbstractChannel, names: Names, deployment: str, 
         await part_ex.bind(tensors, routing_key=names.tensor_key(deployment, t))
     queues = []
     for k in range(replicas):
-        q = await channel.declare_queue(
-            names.replica_queue(deployment, part, k), durable=True,
-            arguments=queue_arguments(names, single_active=True, expires_s=expires_s))
+        q = await declare_kept_queue(channel, names, names.replica_queue(deployment, part, k), policy,
+                                     policy.arguments(names, single_active=True, kept=False))
         await q.bind(part_ex, routing_key="1")
         queues.append(q)
     return queues
 
 
-async def declare_control_queue(channel: AbstractChannel, names: Names, queue: str, keys: Iterable[str], *,
-                                expires_s: float | None = None) -> AbstractQueue:
+async def declare_control_queue(channel: AbstractChannel, names: Names, queue: str, keys: Iterable[str],
+                                policy: QueuePolicy) -> AbstractQueue:
     """A shared (non-exclusive) queue bound to `<ns>.control` with keys; dead-lettered like every work queue."""
     control = await channel.get_exchange(names.control, ensure=False)
-    q = await channel.declare_queue(queue, durable=True, arguments=queue_arguments(names, expires_s=expires_s))
+    q = await declare_kept_queue(channel, names, queue, policy)
     for key in keys:
         await q.bind(control, routing_key=key)
     return q
@@ -252,21 +331,36 @@ def _local_broker_names(prefix: str) -> dict[str, list[str]] | None:
     return names
 
 
-async def delete_namespace(broker_url: str, prefix: str) -> int:
-    """Delete every exchange and queue of a scratch namespace (a test run, a benchmark, the demo): queues expire by
-    themselves, exchanges never do. Needs the broker's rabbitmqctl on this machine; otherwise deletes nothing.
-    Returns how many were deleted. Never raises: cleanup must not fail the run it follows."""
-    names = await asyncio.to_thread(_local_broker_names, prefix)
-    if not names or not any(names.values()):
-        return 0
-    deleted = 0
+def known_names(names: Names) -> dict[str, list[str]]:
+    """The names a namespace always has (when no listing of the broker is at hand): core and control plane."""
+    return {"queues": [names.jobs, names.inflight, names.dead, names.registry_queue, names.pool_queue,
+                       names.optimizer_queue, names.state_pool_queue, names.result_store_queue],
+            "exchanges": [names.tensors, names.results, names.control, names.dead]}
+
+
+async def delete_namespace(broker_url: str, prefix: str, *, keep_nonempty: bool = False
+                           ) -> tuple[int, list[str]]:
+    """Delete every exchange and queue of a namespace (`splitinfer down`, a test run, a benchmark, the demo):
+    queues expire by themselves, exchanges never do. Lists them with the local rabbitmqctl; without it, deletes
+    the names every namespace has. `keep_nonempty`: a queue still holding messages (jobs, dead letters) stays.
+    Returns (how many were deleted, the queues kept). Never raises: cleanup must not fail the run it follows."""
+    listed = await asyncio.to_thread(_local_broker_names, prefix)
+    names = listed if listed and any(listed.values()) else known_names(Names(prefix))
+    deleted, kept = 0, []
     with contextlib.suppress(Exception):
         conn = await aio_pika.connect(broker_url, timeout=10)
         async with conn:
-            for kind, delete in (("queues", "queue_delete"), ("exchanges", "exchange_delete")):
+            for kind in ("queues", "exchanges"):
                 for name in names[kind]:
                     channel = await conn.channel()  # a failed delete closes its channel
-                    with contextlib.suppress(Exception):
-                        await getattr(channel, delete)(name)
+                    try:
+                        if kind == "exchanges":
+                            await channel.exchange_delete(name)
+                        else:
+                            await channel.queue_delete(name, if_empty=keep_nonempty)
                         deleted += 1
-    return deleted
+                    except aiormq.exceptions.ChannelPreconditionFailed:
+                        kept.append(name)  # not empty
+                    except Exception:
+                        pass
+    return deleted, kept

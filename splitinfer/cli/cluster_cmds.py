@@ -1,8 +1,9 @@
-"""up, status: start a cluster, and see what runs in it."""
+"""up, status, dead, down: start a cluster, see what runs in it, its dead letters, remove it from the broker."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -11,8 +12,18 @@ import typer
 from rich.table import Table
 
 from splitinfer.actors.supervisor import BrokerError, Supervisor
+from splitinfer.actors.transport.topology import delete_namespace
+from splitinfer.cli.app import (
+    BROKER_HELP,
+    NS_HELP,
+    UserError,
+    app,
+    client_errors,
+    cluster_settings,
+    console,
+    user_errors,
+)
 from splitinfer.client import Client
-from splitinfer.cli.app import BROKER_HELP, NS_HELP, UserError, app, client_errors, cluster_settings, console, user_errors
 from splitinfer.config import ClusterConfig
 
 
@@ -115,3 +126,77 @@ def status(
     for q, n in depths.items():
         qtable.add_row(q, "-" if n is None else str(n))
     console.print(qtable)
+
+
+@app.command()
+@user_errors
+def dead(
+    show: int = typer.Option(10, "--show", help="list the oldest N dead letters with why they are there"),
+    requeue: bool = typer.Option(False, "--requeue", help="send every dead letter back where it was going"),
+    purge: bool = typer.Option(False, "--purge", help="delete every dead letter"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
+    broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
+    as_json: bool = typer.Option(False, "--json", help="the listing as one JSON object"),
+):
+    """The dead-letter queue: messages that could never succeed (bad jobs, poison, unanswerable ids), each with its
+    reason; bounded by SPLITINFER_DEAD_LETTER_MAX / _MAX_MB / _TTL_S (the oldest go first)."""
+    if requeue and purge:
+        raise UserError("--requeue and --purge exclude each other")
+    if show < 0:
+        raise UserError("--show takes a count >= 0")
+    settings = cluster_settings(namespace, broker_url)
+
+    async def run():
+        async with Client(settings) as c:
+            if requeue:
+                return "requeue", await c.requeue_dead_letters()
+            if purge:
+                return "purge", await c.purge_dead_letters()
+            return "show", await c.dead_letters(show)
+
+    what, result = client_errors(run())
+    if what == "requeue":
+        sent, left = result
+        console.print(f"sent {sent} dead letter(s) back where they were going; {left} left (no destination, or "
+                      f"unroutable now)")
+    elif what == "purge":
+        console.print(f"deleted {result} dead letter(s)")
+    else:
+        total, letters = result
+        if as_json:
+            print(json.dumps({"namespace": settings.namespace, "count": total,
+                              "letters": [dataclasses.asdict(d) for d in letters]}))
+            return
+        table = Table(title=f"dead letters in {settings.namespace}: {total} (oldest {len(letters)} shown)")
+        for col in ("code", "reason", "job", "by", "age", "was going to", "bytes"):
+            table.add_column(col, overflow="fold")
+        for d in letters:
+            age = "-" if d.age_s is None else f"{d.age_s:.0f}s"
+            table.add_row(d.code or "-", d.reason or "-", d.job_id[:40] or "-", d.actor or "broker", age,
+                          f"{d.exchange or '(default)'} / {d.routing_key}", str(d.size))
+        console.print(table)
+
+
+@app.command()
+@user_errors
+def down(
+    purge: bool = typer.Option(False, "--purge", help="also delete queues that still hold messages (jobs, dead "
+                                                      "letters)"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
+    broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
+):
+    """Remove the namespace's queues and exchanges from the broker (after `up` stopped). The model pool's files and
+    what each server hosts stay on disk: the next `up` serves the same deployments again."""
+    settings = cluster_settings(namespace, broker_url)
+
+    async def run():
+        async with Client(settings) as c:
+            if await c.supervised():
+                raise UserError(f"`splitinfer up` still runs namespace {settings.namespace!r}: stop it first")
+        return await delete_namespace(settings.broker_url, settings.namespace, keep_nonempty=not purge)
+
+    deleted, kept = client_errors(run())
+    console.print(f"removed {deleted} queue(s) and exchange(s) of namespace {settings.namespace}")
+    if kept:
+        console.print(f"kept {len(kept)} queue(s) still holding messages ({', '.join(kept)}); "
+                      f"`splitinfer down --purge` deletes them too", style="yellow")

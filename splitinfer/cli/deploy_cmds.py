@@ -145,11 +145,11 @@ def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Opti
 @app.command()
 @user_errors
 def undeploy(
-    name: str = typer.Argument(..., help="a model deployment (from `splitinfer deploy MODEL`)"),
+    name: str = typer.Argument(..., help="a deployment: a split (`splitinfer deploy SPLIT_DIR`) or a model"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
     broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
 ):
-    """Unload every plan of a model deployment from the servers and delete it from the model pool."""
+    """Unload a deployment (a split, or every plan of a model) from the servers and delete it from the model pool."""
 
     async def run():
         async with Client(cluster_settings(namespace, broker_url)) as c:

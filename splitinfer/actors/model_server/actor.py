@@ -15,7 +15,9 @@ Per hosted part (deployment D, part P, replica k of n):
   settings.max_batch (batching); each output is published once to `<ns>.tensors` with key `<D>.<tensor>` and
   header request_id, carrying the hops so far plus this one;
 - inputs are acked only when all the outputs they caused are confirmed (off the critical path: the worker is
-  already on the next batch); a request id already served is acked without recomputing (bounded memory).
+  already on the next batch); a request id already served is acked without recomputing (bounded memory);
+- what it was ordered to host from the pool is kept in a file (desired.DesiredParts): restarted, it loads those
+  parts again by itself (retrying while the pool is not up yet).
 
     python -m splitinfer.actors.model_server --id s1 --site edge [--slowdown X] [--battery] [--power C,R,I]
         [--memory-limit-mb M] [--deployment D] [--split-dir DIR] [--part SPEC ...]
@@ -38,14 +40,16 @@ import numpy as np
 from aio_pika.abc import AbstractIncomingMessage
 
 from splitinfer.actors.actor import Actor, run_actor
-from splitinfer.actors.model_pool.client import PoolClient
+from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.model_server.batching import ReadyQueue, WorkItem, run_batch
+from splitinfer.actors.model_server.desired import DesiredParts
 from splitinfer.actors.model_server.hosted import HostedPart, answers_alone, parse_part_spec, takes_only_from
 from splitinfer.actors.model_server.joins import Arrival, Pending
 from splitinfer.actors.model_server.runner import configure_tf, load_and_warm
 from splitinfer.actors.monitors import NetworkMonitor, ServerMonitor, follow_links
 from splitinfer.actors.transport import first_line, header_str
-from splitinfer.actors.transport.topology import declare_control_queue, declare_part
+from splitinfer.actors.transport.retry import RESTORE
+from splitinfer.actors.transport.topology import declare_control_queue, declare_part, escape_key
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     LoadPart,
@@ -88,14 +92,15 @@ class ModelServer(Actor):
         self.ready = ReadyQueue()
         self._loading: dict[tuple[str, str], asyncio.Task] = {}
         self._busy = 0
+        self._max_batch_bytes = int(self.settings.max_batch_mb * 1024 * 1024)
+        self.desired = DesiredParts(self.settings.cache_dir / "hosting" / self.names.ns / f"{escape_key(actor_id)}.json")
 
     # ------------------------------------------------------------------ setup
     async def setup(self) -> None:
         configure_tf(self.settings)
         q = await declare_control_queue(
             self.channel, self.names, f"{self.names.ns}.server.{self.id}",
-            [self.names.load_key(self.id), self.names.unload_key(self.id), "register.*"],
-            expires_s=self.settings.queue_expires_s)
+            [self.names.load_key(self.id), self.names.unload_key(self.id), "register.*"], self.connection.policy)
         await self.consume(q, self._on_control)
         await follow_links(self)  # SetLinks orders and network probes
         if self.monitor.speed_gflops is None:
@@ -104,6 +109,29 @@ class ModelServer(Actor):
         self.spawn(self._worker(), name="worker")
         if self.initial_parts:
             await asyncio.gather(*(self.load_part(self.deployment, name, k, n) for name, k, n in self.initial_parts))
+        elif self.split_dir is None and (kept := self.desired.load()):
+            self.spawn(self._restore(kept), name="restore")
+
+    async def _restore(self, refs: list[PartRef]) -> None:
+        """Load again what this server hosted before it restarted. The pool may start after us: a load that
+        cannot reach it is tried again (RESTORE backoff); one the pool refuses (the deployment is gone) is dropped."""
+        async def one(ref: PartRef) -> str | None:
+            for failures in range(1, RESTORE.attempts + 1):
+                try:
+                    await self.load_part(ref.deployment, ref.part, ref.replica, ref.replicas)
+                    return None
+                except PoolError as exc:
+                    self.desired.remove(ref.deployment, ref.part)
+                    return f"{ref.part} of {ref.deployment}: {first_line(exc)}"
+                except Exception as exc:
+                    if self.stopping or failures == RESTORE.attempts:
+                        return f"{ref.part} of {ref.deployment}: {first_line(exc)}"
+                    await asyncio.sleep(RESTORE.delay(failures))
+            return None
+
+        failed = [f for f in await asyncio.gather(*(one(r) for r in refs)) if f]
+        self.log("parts_restored", parts=[f"{r.deployment}/{r.part}@r{r.replica}/{r.replicas}" for r in refs],
+                 failed=failed)
 
     def hosted_parts(self) -> list[PartRef]:
         return [p.ref for p in self.parts.values()]
@@ -153,7 +181,7 @@ class ModelServer(Actor):
                         join_buffer=self.settings.join_buffer, slowdown=self.slowdown,
                         answers=answers_alone(manifest, part))
         hp.queues = await declare_part(self.channel, self.names, deployment, part, [t.name for t in entry.inputs],
-                                       replicas, expires_s=self.settings.queue_expires_s)
+                                       replicas, self.connection.policy)
         self.parts[(deployment, part)] = hp
         self.link_local(deployment)
         tag = await self.consume(hp.queues[replica], self._handler(hp, replica), prefetch=self._prefetch(hp))
@@ -236,6 +264,7 @@ class ModelServer(Actor):
                         self.spawn(self._give_back_queue(hp, ref.replica), name="give_back")
             return
         if isinstance(msg, UnloadPart):
+            self.desired.remove(msg.deployment, msg.part)
             ok = await self.unload_part(msg.deployment, msg.part)
             await self.rpc.reply(message, Reply(ok=ok, message="unloaded" if ok else "not hosted"))
             return
@@ -243,6 +272,8 @@ class ModelServer(Actor):
         async def load() -> None:
             try:
                 await self.load_part(msg.deployment, msg.part, msg.replica, msg.replicas)
+                self.desired.add(PartRef(deployment=msg.deployment, part=msg.part, replica=msg.replica,
+                                         replicas=msg.replicas))
                 await self.rpc.reply(message, Reply(ok=True, message=f"{msg.part} loaded on {self.id}"))
             except Exception as exc:
                 reason = first_line(exc)
@@ -374,7 +405,7 @@ class ModelServer(Actor):
         await self.publish_error(rid, code, reason, reply_to=meta.get("err") or meta.get("rt"),
                                  deployment=hp.deployment)
         for m in messages:
-            await self.deliveries.reject(m)
+            await self.to_dead_letters(m, code, reason)
 
     def _enqueue(self, item: WorkItem, first: bool = False) -> None:
         item.part.running.setdefault(item.request_id, [])
@@ -406,7 +437,7 @@ class ModelServer(Actor):
             try:
                 # in the event loop itself: a hand-off to a thread and back costs more than it saves (the loop has
                 # nothing to do meanwhile that cannot wait: what it published before is flushed first)
-                outs, compute_s = run_batch(hp.compiled, [it.arrays for it in batch])
+                outs, compute_s = run_batch(hp.compiled, [it.arrays for it in batch], self._max_batch_bytes)
                 extra = hp.slowdown.extra_s(len(batch), compute_s)
                 if extra > 0:  # a slower device: the worker (this server's only compute) stays busy
                     await asyncio.sleep(extra)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -112,17 +114,21 @@ class ReadyQueue:
 
 
 def run_batch(compiled: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
-              requests: list[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], float]:
+              requests: list[dict[str, np.ndarray]], max_bytes: int | None = None
+              ) -> tuple[list[dict[str, np.ndarray]], float]:
     """Run requests as one batch (concatenated on axis 0) and split the outputs back; compute seconds. Requests
-    that cannot be concatenated (0-d tensors, other trailing shapes, a fixed batch dimension) run one by one."""
+    that cannot be concatenated (0-d tensors, other trailing shapes, a fixed batch dimension) run one by one.
+    `max_bytes` bounds the inputs of one call: requests are not joined past it, and a larger request runs in
+    slices along axis 0 (a batch's activations grow with it; slices bound a server's peak memory)."""
     t0 = time.perf_counter()
+    limit = max_bytes or 0
     if len(requests) == 1:
-        out = compiled(requests[0])
-        return [out], time.perf_counter() - t0
+        return [run_bounded(compiled, requests[0], limit)], time.perf_counter() - t0
     first = requests[0]
     sizes = [next(iter(r.values())).shape[0] if next(iter(r.values())).ndim else 0 for r in requests]
     same_tail = all(all(r[n].ndim >= 1 and r[n].shape[1:] == first[n].shape[1:] for n in first) for r in requests)
-    if same_tail and all(s > 0 for s in sizes):
+    small = not limit or sum(v.nbytes for r in requests for v in r.values()) <= limit
+    if same_tail and small and all(s > 0 for s in sizes):
         joined = {n: np.concatenate([r[n] for r in requests], axis=0) for n in first}
         out = compiled(joined)
         total = sum(sizes)
@@ -130,5 +136,42 @@ def run_batch(compiled: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarra
             bounds = np.cumsum(sizes)[:-1]
             split = {n: np.split(v, bounds, axis=0) for n, v in out.items()}
             return [{n: split[n][i] for n in out} for i in range(len(requests))], time.perf_counter() - t0
-    outs = [compiled(r) for r in requests]
+    outs = [run_bounded(compiled, r, limit) for r in requests]
     return outs, time.perf_counter() - t0
+
+
+def run_bounded(compiled: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+                request: dict[str, np.ndarray], max_bytes: int) -> dict[str, np.ndarray]:
+    """One request, in slices of at most `max_bytes` of inputs along axis 0 when it is larger (0: no bound); then
+    the freed memory goes back to the system. A part whose outputs do not keep the batch axis runs whole."""
+    size = sum(v.nbytes for v in request.values())
+    rows = {v.shape[0] if v.ndim else 0 for v in request.values()}
+    if not max_bytes or size <= max_bytes or len(rows) != 1 or (n := rows.pop()) <= 1:
+        return compiled(request)
+    step = max(1, int(n * max_bytes // size))
+    pieces = []
+    for start in range(0, n, step):
+        out = compiled({k: v[start:start + step] for k, v in request.items()})
+        if not all(v.ndim >= 1 and v.shape[0] == min(step, n - start) for v in out.values()):
+            return compiled(request)
+        pieces.append(out)
+    joined = {k: np.concatenate([p[k] for p in pieces], axis=0) for k in pieces[0]}
+    del pieces
+    release_memory()
+    return joined
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them otherwise: a server that ran one large job
+    would stay at its peak). A no-op where there is no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

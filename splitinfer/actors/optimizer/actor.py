@@ -93,8 +93,7 @@ class Optimizer(Actor):
     async def setup(self) -> None:
         configure_tf(self.settings)  # profile the way servers run: settings.intra_op_threads
         q = await declare_control_queue(self.channel, self.names, self.names.optimizer_queue,
-                                        [Names.OPTIMIZER_DEPLOY, Names.OPTIMIZER_UNDEPLOY],
-                                        expires_s=self.settings.queue_expires_s)
+                                        [Names.OPTIMIZER_DEPLOY, Names.OPTIMIZER_UNDEPLOY], self.connection.policy)
         await self.consume(q, self._on_message)
         self.reference_gflops = await self.run_in_worker(cached_speed_gflops, self.settings.cache_dir)
         self.spawn(self._replan_loop(), name="replan")
@@ -223,17 +222,27 @@ class Optimizer(Actor):
         except Exception as exc:  # queues also expire or stay harmless: nothing routes to a deleted deployment
             self.log.warning("queue_cleanup_failed", deployment=dep, error=first_line(exc))
 
+    async def _unload_everywhere(self, dep: str) -> None:
+        placement = await self.registry.placement(dep)
+        if placement:
+            await self.orders.unload(dep, placement)
+            await self._delete_queues(dep, placement)
+
     async def undeploy(self, name: str) -> Reply:
+        """A model deployment (every plan) or a plain split: unloaded from its servers, its queues deleted, and
+        deleted from the pool."""
         doc = await self.pool.plan_table(name)
         if doc is None:
-            raise DeployError(f"no model deployment {name!r} (a plain split is removed with the pool, not here)")
+            listing = await self.pool.listing()
+            if name not in listing.deployments:
+                raise DeployError(f"no deployment {name!r} (the pool has: "
+                                  f"{', '.join(listing.models + listing.deployments) or 'none'})")
+            await self._unload_everywhere(name)
+            r = await self.pool.delete(name)
+            return Reply(ok=r.ok, message=f"{name} undeployed" if r.ok else r.message)
         table = PlanTable.from_json(doc.table)
         for plan in table.plans:
-            dep = plan_deployment_name(name, plan.id)
-            placement = await self.registry.placement(dep)
-            if placement:
-                await self.orders.unload(dep, placement)
-                await self._delete_queues(dep, placement)
+            await self._unload_everywhere(plan_deployment_name(name, plan.id))
         r = await self.pool.delete(name)
         self.models.pop(name, None)
         # front ends forget the table

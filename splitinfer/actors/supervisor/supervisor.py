@@ -7,9 +7,11 @@
   `python -m splitinfer.actors.<actor> ...` with SPLITINFER_NAMESPACE / SPLITINFER_BROKER_URL in its environment.
 - Restarts a crashed actor with the bounded backoff `retry.RESTART` (the count resets after retry.HEALTHY_AFTER_S of
   healthy running; after that many quick crashes in a row it gives up on that actor and says so).
-- A restarted model server comes back empty: the supervisor asks the registry what the crashed one hosted (it
-  still lists it for a while) and orders the new process to load the same parts (LoadPart on `load.<id>`; the
-  order waits in the server's durable control queue until the new process consumes it).
+- One supervisor per namespace: it holds the exclusive queue `<ns>.supervisor` for as long as it runs, so a second
+  `splitinfer up` on a live namespace is refused with a clear error (the lock goes with the holder's connection,
+  also after a kill -9).
+- A restarted model server (a crash, or a restart of `up`) loads the parts it hosted again by itself
+  (model_server.desired): deployments survive restarts without a redeploy.
 - Stops everything cleanly on Ctrl-C / SIGTERM: SIGTERM to each child (own session, so the terminal's SIGINT
   reaches only the supervisor), SIGKILL after a grace period, then the private broker if it started one.
 """
@@ -28,13 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from splitinfer.actors.model_server.client import ServerOrders
-from splitinfer.actors.registry.client import RegistryClient
+import aiormq.exceptions
+
 from splitinfer.actors.supervisor.broker import BrokerError, PrivateBroker, ensure_broker
-from splitinfer.actors.transport import Session, first_line, masked
+from splitinfer.actors.transport import Session, masked
 from splitinfer.actors.transport.retry import HEALTHY_AFTER_S, RESTART
 from splitinfer.config import ClusterConfig, ConfigError, Settings, get_settings
-from splitinfer.messages import PartRef
+
+
+class NamespaceInUse(BrokerError):
+    """Another supervisor runs this namespace."""
+
 
 STOP_GRACE_S = 15.0  # a stopping actor gets this long after SIGTERM, then SIGKILL
 
@@ -128,6 +134,7 @@ class Supervisor:
             self.settings.cache_dir / "broker" / str(self.config.private_broker_port), self.say,
             self.allow_private_broker,
         )
+        await self._hold_namespace()
         env = {
             **os.environ,
             **self.extra_env,
@@ -162,8 +169,6 @@ class Supervisor:
             actor.history.append((time.time(), code))
             if self._stopping:
                 return
-            # a model server comes back empty: remember what it served, to order it back after the restart
-            parts = await self._recall_parts(actor)
             up_for = time.monotonic() - actor.started_at
             actor.quick_crashes = 0 if up_for >= HEALTHY_AFTER_S else actor.quick_crashes + 1
             if actor.quick_crashes >= RESTART.attempts:
@@ -182,51 +187,23 @@ class Supervisor:
                 return
             actor.restarts += 1
             await self._spawn(actor)
-            if parts:
-                self._watchers.append(asyncio.create_task(self._restore_parts(actor, parts),
-                                                          name=f"restore {actor.name}"))
 
-    # -- a restarted model server gets its parts back
-    async def _control(self) -> Session:
-        """A broker session of the supervisor's own, opened on first use, closed with the cluster."""
-        if self._session is None:
-            session = Session(self.settings.model_copy(update={"namespace": self.namespace,
-                                                              "broker_url": self.broker_url}),
-                              f"supervisor-{os.getpid()}")
-            await session.open(fail_fast=False)
-            self._session = session
-        return self._session
-
-    async def _recall_parts(self, actor: ActorProcess) -> list[PartRef]:
-        """The parts a crashed model server hosted, from the registry (which still lists it for a while)."""
-        if not actor.name.startswith("server:"):
-            return []
-        server_id = actor.name.split(":", 1)[1]
+    # -- one supervisor per namespace
+    async def _hold_namespace(self) -> None:
+        """Take the namespace's lock (an exclusive queue on a session of our own), or NamespaceInUse."""
+        session = Session(self.settings.model_copy(update={"namespace": self.namespace,
+                                                          "broker_url": self.broker_url}),
+                          f"supervisor-{os.getpid()}")
+        await session.open(fail_fast=False)
+        self._session = session
         try:
-            session = await self._control()
-            infos = await RegistryClient(session.rpc).who_hosts(include_dead=True, timeout=10)
-        except Exception as exc:
-            self.say(f"{actor.name}: cannot ask the registry what it hosted ({first_line(exc)}); it restarts empty")
-            return []
-        return next((list(a.parts) for a in infos if a.actor_id == server_id), [])
-
-    async def _restore_parts(self, actor: ActorProcess, parts: list[PartRef]) -> None:
-        """Order the restarted server to load its parts again. The order waits in the server's durable control
-        queue until the new process consumes it, so no need to wait for its registration first."""
-        server_id = actor.name.split(":", 1)[1]
-        try:
-            orders = ServerOrders((await self._control()).rpc, (await self._control()).names)
-            answers = await asyncio.gather(*(
-                orders.load_replica(server_id, p.deployment, p.part, p.replica, p.replicas, timeout=300)
-                for p in parts))
-            failed = [a.message for a in answers if not a.ok]
-        except Exception as exc:
-            failed = [first_line(exc)]
-        if failed:
-            self.say(f"{actor.name}: {len(failed)} of {len(parts)} part(s) not reloaded after the restart: {failed[0]}")
-        else:
-            self.say(f"{actor.name}: reloaded {', '.join(f'{p.part}@r{p.replica}/{p.replicas}' for p in parts)} "
-                     f"after the restart")
+            await session.connection.channel.declare_queue(session.names.supervisor_lock, exclusive=True,
+                                                           auto_delete=True)
+        except aiormq.exceptions.ChannelLockedResource:
+            raise NamespaceInUse(
+                f"namespace {self.namespace!r} already has a running `splitinfer up` (it holds the queue "
+                f"{session.names.supervisor_lock}); stop it first, or pick another namespace with --namespace"
+            ) from None
 
     async def run_until_stopped(self) -> None:
         """Wait for SIGINT/SIGTERM, then stop everything."""

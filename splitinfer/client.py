@@ -341,6 +341,7 @@ class Client:
 
     async def _resend_after_outage(self) -> None:
         """The connection is back: the tensors of jobs in flight were transient and may be gone with the broker."""
+        self.watch.reheard()
         now = asyncio.get_running_loop().time()
         for job_id in [j for j in self.jobs.pending if j not in self._sending]:
             job = self.jobs.retry_now(job_id, now)
@@ -375,7 +376,8 @@ class Client:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(TICK_S, self.jobs.next_wakeup(loop.time())))
-            retries, answers = self.jobs.tick(loop.time())
+            now = loop.time()
+            retries, answers = self.jobs.tick(now, lambda dep: self.admission.expected(dep, now))
             for answer in answers:
                 job = answer.job
                 self._resolve(job.job_id, ErrorResult(job_id=job.job_id, deployment=job.deployment, code=answer.code,

@@ -145,6 +145,7 @@ class ClusterRun:
         # a given config (sites, slowdowns, emulated links: the bandwidth benchmark) replaces the default servers
         cfg = config.model_copy() if config is not None else ClusterConfig.default(servers)
         cfg.namespace = self.settings.namespace
+        self.keep_logs = False  # set: the scratch directory (logs) stays after a clean run too
         self.sup = Supervisor(cfg, settings=self.settings, say=say,
                               extra_env={"SPLITINFER_QUEUE_EXPIRES_S": str(queue_expires_s),
                                          "SPLITINFER_CACHE_DIR": str(self.scratch),
@@ -166,7 +167,7 @@ class ClusterRun:
     async def __aexit__(self, exc_type, *exc) -> None:
         await self.sup.stop()
         await delete_namespace(self.settings.broker_url, self.settings.namespace)  # a scratch namespace
-        if exc_type is None:
+        if exc_type is None and not self.keep_logs:
             shutil.rmtree(self.scratch, ignore_errors=True)
         else:
             self.say(f"actor logs kept in {self.sup.run_dir / 'logs'}")

@@ -3,7 +3,7 @@ these tests restart it), with `splitinfer up` as a real supervisor process and t
 differ per input, so every answer is checked against its own input's reference).
 
 (1) a broker restart with 20 jobs waiting in the jobs queue (the front end frozen by SIGSTOP) loses none: each is
-    answered once, with its own input's result;
+    answered once, with its own input's result; the same with quorum queues (SPLITINFER_QUEUE_TYPE=quorum);
 (2) a job whose reply_to cannot be a routing key, and one whose id cannot, are answered with an error where they
     can be, never computed, and end in the dead-letter queue with their reason (`splitinfer dead` shows it);
 (3) a job id submitted again gets its answer again;
@@ -28,7 +28,7 @@ import pytest
 aio_pika = pytest.importorskip("aio_pika")
 
 from splitinfer.actors.supervisor.broker import PrivateBroker, rabbitmq_installed  # noqa: E402
-from splitinfer.actors.transport.topology import Names  # noqa: E402
+from splitinfer.actors.transport.topology import Names, QueuePolicy  # noqa: E402
 from splitinfer.client import Client, subscribe_results  # noqa: E402
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
 from splitinfer.splitter.manifest import Manifest  # noqa: E402
@@ -101,9 +101,10 @@ def _assert_own_answers(answers: dict[str, ResultMessage | ErrorResult], xs: dic
         assert int(np.argmin(np.abs(refs - y).reshape(len(ids), -1).max(axis=1))) == k
 
 
-def test_broker_restart_with_jobs_queued_loses_none(cluster, deployed, broker, io_names, dag_split):
+def _restart_broker_with_jobs_queued(cluster, broker, deployment: str, io_names, dag_split, n: int = 20):
+    """n jobs published while the front end is frozen, the broker restarted, the front end thawed: every job is
+    answered once, with its own input's result."""
     inp, out = io_names
-    n = 20
     xs, ref = dag_reference(dag_split, n, seed=11)
     ids = [f"restart-{uuid.uuid4().hex[:6]}-{i}" for i in range(n)]
     reply_to = f"restart-{uuid.uuid4().hex[:6]}"
@@ -113,8 +114,8 @@ def test_broker_restart_with_jobs_queued_loses_none(cluster, deployed, broker, i
         async with Client(cluster.settings) as c:
             for job_id, x in zip(ids, xs):
                 await c.session.publisher.publish(
-                    "", c.names.jobs, InferenceJob(job_id=job_id, deployment=deployed.deployment,
-                                                   inputs={inp: x[None]}, deadline_s=120, reply_to=reply_to))
+                    "", c.names.jobs, InferenceJob(job_id=job_id, deployment=deployment, inputs={inp: x[None]},
+                                                   deadline_s=120, reply_to=reply_to))
 
     async def collect():
         seen: list = []
@@ -144,6 +145,28 @@ def test_broker_restart_with_jobs_queued_loses_none(cluster, deployed, broker, i
     counts = collections.Counter(m.job_id for m in seen)
     assert all(counts[j] == 1 for j in ids), {j: counts[j] for j in ids if counts[j] != 1}
     _assert_own_answers({m.job_id: m for m in seen}, dict(zip(ids, xs)), ref, out)
+
+
+def test_broker_restart_with_jobs_queued_loses_none(cluster, deployed, broker, io_names, dag_split):
+    _restart_broker_with_jobs_queued(cluster, broker, deployed.deployment, io_names, dag_split)
+
+
+def test_quorum_queues_keep_jobs_across_a_broker_restart_too(tmp_path, run_prefix, broker, dag_split, io_names):
+    """SPLITINFER_QUEUE_TYPE=quorum (what a broker cluster needs: replicated queues) on one node."""
+    with up_cluster(tmp_path, run_prefix, CONFIG, tag="quorum", SPLITINFER_BROKER_URL=broker.url,
+                    SPLITINFER_QUEUE_TYPE="quorum") as q:
+        async def deploy_and_check():
+            async with Client(q.settings) as c:
+                dep = await c.deploy(dag_split, min_servers=2, timeout=300)
+                # it really is a quorum queue: the same declaration as a classic one is refused
+                classic = QueuePolicy.from_settings(q.settings.model_copy(update={"queue_type": "classic"}))
+                async with c.session.connection.scratch_channel() as ch:
+                    with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+                        await ch.declare_queue(c.names.jobs, durable=True, arguments=classic.arguments(c.names))
+                return dep
+
+        dep = asyncio.run(deploy_and_check())
+        _restart_broker_with_jobs_queued(q, broker, dep.deployment, io_names, dag_split, n=10)
 
 
 def test_unroutable_ids_are_refused_uncomputed_and_dead_lettered(cluster, deployed, io_names, dag_split):

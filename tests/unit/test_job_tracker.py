@@ -158,17 +158,30 @@ def test_answer_memory_keeps_answers_within_its_age_and_bytes():
     assert AnswerMemory(0.0, 100).get("a") is None
 
 
-def test_admission_refuses_a_job_that_cannot_finish_by_the_recent_rate():
+def test_admission_refuses_a_job_that_cannot_finish_at_the_recent_latency():
     a = Admission()
     assert a.refusal("d", 0.001, now=0.0) is None  # nothing seen yet: every job goes in
-    for k in range(10):
+    for k in range(10):  # unloaded: 0.1 s each
         a.sent("d")
-        a.done("d", 0.1, now=k * 0.5)  # 10 answers in 5 s: 2/s, 0.1 s each unloaded
+        a.done("d", 0.1, now=k * 0.5)
     assert a.refusal("d", 0.05, now=5.0) is not None  # below the unloaded latency
-    assert a.refusal("d", 0.6, now=5.0) is None       # 1 in flight / 2 per s = 0.5 s
+    assert a.refusal("d", 0.2, now=5.0) is None
     for _ in range(20):
         a.sent("d")
-    reason = a.refusal("d", 2.0, now=5.0)             # 21 / 2 per s = 10.5 s expected
-    assert reason is not None and "20 in flight" in reason
-    a.done("d", None, now=5.0)                         # an error: no latency learnt, one fewer in flight
-    assert a.inflight["d"] == 19
+    for k in range(6):  # loaded: the last answers took 1 s
+        a.done("d", 1.0, now=5.0 + k * 0.1)
+    reason = a.refusal("d", 0.5, now=5.6)
+    assert reason is not None and "14 in flight" in reason and "1s now" in reason
+    assert a.refusal("d", 1.5, now=5.6) is None
+    # the slow spell ages out: with no recent answer, only the unloaded latency counts
+    assert a.refusal("d", 0.5, now=20.0) is None
+    a.done("d", None, now=20.0)                        # an error: nothing learnt, one fewer in flight
+    assert a.inflight["d"] == 13
+
+
+def test_an_attempt_younger_than_what_jobs_take_now_is_not_retried():
+    t = JobTracker()
+    t.admit(job("j1", attempt_timeout_s=1.0), now=0.0)
+    assert t.tick(now=1.5, expected=lambda dep: 3.0) == ([], [])  # slow under load, not lost
+    retries, _ = t.tick(now=3.1, expected=lambda dep: 3.0)
+    assert [j.job_id for j in retries] == ["j1"]

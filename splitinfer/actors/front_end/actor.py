@@ -40,7 +40,7 @@ from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.monitors import NetworkMonitor, follow_links
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.transport import Stopped, Unroutable, first_line, header_str
-from splitinfer.actors.transport.retry import ANSWER, MAX_JOB_DELIVERIES
+from splitinfer.actors.transport.retry import ANSWER, MAX_JOB_DELIVERIES, OUTAGE
 from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, declare_kept_queue, escape_key, key_problem
 from splitinfer.messages import (
     Deregister,
@@ -195,7 +195,8 @@ class FrontEnd(Actor):
             await self._reject(message, job, reply_to, "poison_job",
                                f"job {job.job_id} was delivered {deliveries} times without being answered")
             return
-        manifest, problem = await self.manifest(job.deployment)
+        manifest, problem = await self._manifest_within(job.deployment,
+                                                        now + (job.deadline_s or self.settings.job_deadline_s))
         if manifest is None:
             await self._reject(message, job, reply_to, *problem)
             return
@@ -234,6 +235,18 @@ class FrontEnd(Actor):
         self.admission.sent(job.deployment)
         await self._send_inputs(pending)
         self._wake.set()
+
+    async def _manifest_within(self, deployment: str, until: float):
+        """`manifest`, asking again while the pool does not answer (it may be restarting, or reconnecting after
+        the broker did) until `until`: a job is not refused for a pause of the control plane."""
+        loop = asyncio.get_running_loop()
+        for failures in range(1, OUTAGE.attempts + 1):
+            manifest, problem = await self.manifest(deployment)
+            if manifest is not None or problem[0] != "pool_unavailable" or self.stopping \
+                    or loop.time() + OUTAGE.delay(failures) >= until:
+                return manifest, problem
+            await asyncio.sleep(OUTAGE.delay(failures))
+        return manifest, problem
 
     async def _seen_before(self, message: AbstractIncomingMessage, job: InferenceJob, reply_to: str) -> bool:
         """A job id this front end runs or answered: never computed twice, never left unanswered.
@@ -431,6 +444,7 @@ class FrontEnd(Actor):
     async def _resend_after_outage(self) -> None:
         """The connection is back: tensors in flight were transient and may be gone with the broker, so every job
         this front end sends itself goes out again now, not at its retry time (its deliveries come back too)."""
+        self.servers.reheard()
         now = asyncio.get_running_loop().time()
         jobs = self.tracker.retry_all_now(now)
         if jobs:
@@ -445,7 +459,8 @@ class FrontEnd(Actor):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(TICK_MAX_S, self.tracker.next_wakeup(
                     asyncio.get_running_loop().time())))
-            retries, answers = self.tracker.tick(asyncio.get_running_loop().time())
+            now = asyncio.get_running_loop().time()
+            retries, answers = self.tracker.tick(now, lambda dep: self.admission.expected(dep, now))
             for answer in answers:
                 await self._answer(answer)
             for job in retries:

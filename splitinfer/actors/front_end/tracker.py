@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from splitinfer.actors.transport.retry import DEADLINE_GRACE_S, JOB_RETRIES, JOB_RETRY_SHARE
 
@@ -193,8 +193,11 @@ class JobTracker:
         return self._finish(job, Answer(job, "error", code, message), now)
 
     # -- time passing
-    def tick(self, now: float | None = None) -> tuple[list[PendingJob], list[Answer]]:
-        """(jobs to resend under their new request id, answers for jobs past their deadline)."""
+    def tick(self, now: float | None = None, expected: Callable[[str], float | None] | None = None
+             ) -> tuple[list[PendingJob], list[Answer]]:
+        """(jobs to resend under their new request id, answers for jobs past their deadline). `expected(deployment)`:
+        what a job takes now (Admission): an attempt younger than that is slow, not lost, and is not sent again
+        (under overload a retry would only add work)."""
         now = time.monotonic() if now is None else now
         retries, answers = [], []
         for job in list(self.pending.values()):
@@ -205,7 +208,8 @@ class JobTracker:
                     f"({job.attempt + 1} attempt{'s' if job.attempt else ''}; "
                     f"outputs missing: {', '.join(t for t in job.final_outputs if t not in job.outputs)})"), now))
             elif (job.resend and job.attempt < self.max_retries and not job.outputs
-                  and now - job.attempt_started >= job.attempt_timeout_s):
+                  and now - job.attempt_started >= max(job.attempt_timeout_s,
+                                                       (expected(job.deployment) or 0.0) if expected else 0.0)):
                 job.attempt += 1
                 job.attempt_started = now
                 self.by_request[job.request_id] = job.job_id
@@ -272,18 +276,19 @@ class AnswerMemory:
 
 class Admission:
     """What a new job of a deployment can expect to take, from the answers seen: at least the time a job takes
-    unloaded (a low percentile of recent latencies), and by Little's law the jobs in flight ahead of it divided by
-    the recent answer rate. A job whose remaining deadline is below that is answered at once instead of being sent
-    in: under overload the pipeline keeps working on jobs that can still finish (goodput), not on doomed ones."""
+    unloaded (a low percentile of recent latencies), and the median latency of the answers of the last few seconds
+    (jobs sent now wait behind as many as those did). A job whose remaining deadline is below that is answered at
+    once instead of being sent in: under overload the pipeline keeps working on jobs that can still finish
+    (goodput), not on doomed ones. Recent answers age out, so a slow spell (an outage) is not held against the
+    jobs after it; with no recent answer, only the unloaded latency counts."""
 
-    WINDOW = 64          # recent latencies kept per deployment
-    BASE_QUANTILE = 0.2  # the unloaded latency: this quantile of them
-    RATE_WINDOW_S = 5.0  # the answer rate over this long
-    MIN_ANSWERS = 5      # fewer answers in the window: no rate to go by
+    WINDOW = 64          # recent answers kept per deployment
+    BASE_QUANTILE = 0.2  # the unloaded latency: this quantile of the kept latencies
+    RECENT_S = 2.0       # the load now: answers of this long ago at most
+    MIN_RECENT = 5       # fewer recent answers: the unloaded latency alone
 
     def __init__(self):
         self._latency: dict[str, deque] = {}
-        self._answers: dict[str, deque] = {}
         self.inflight: dict[str, int] = {}
 
     def sent(self, deployment: str) -> None:
@@ -293,23 +298,19 @@ class Admission:
         """A job of the deployment is over; `latency_s` when it was answered with a result."""
         self.inflight[deployment] = max(0, self.inflight.get(deployment, 0) - 1)
         if latency_s is not None:
-            self._latency.setdefault(deployment, deque(maxlen=self.WINDOW)).append(latency_s)
-            self._answers.setdefault(deployment, deque()).append(now)
+            self._latency.setdefault(deployment, deque(maxlen=self.WINDOW)).append((now, latency_s))
 
     def expected(self, deployment: str, now: float) -> float | None:
         """Seconds a job sent now should take; None before any answer was seen."""
         seen = self._latency.get(deployment)
         if not seen:
             return None
-        ordered = sorted(seen)
+        ordered = sorted(lat for _, lat in seen)
         base = ordered[int(self.BASE_QUANTILE * (len(ordered) - 1))]
-        times = self._answers[deployment]
-        while times and now - times[0] > self.RATE_WINDOW_S:
-            times.popleft()
-        if len(times) < self.MIN_ANSWERS:
+        recent = sorted(lat for at, lat in seen if now - at <= self.RECENT_S)
+        if len(recent) < self.MIN_RECENT:
             return base
-        rate = len(times) / self.RATE_WINDOW_S
-        return max(base, (self.inflight.get(deployment, 0) + 1) / rate)
+        return max(base, recent[len(recent) // 2])
 
     def refusal(self, deployment: str, remaining_s: float, now: float) -> str | None:
         """Why a job with `remaining_s` left cannot finish in time, or None."""

@@ -39,6 +39,12 @@ class ServerWatch:
                 self.gone.add(a.actor_id)
         self.started = min(self.started, now - self.timeout_s - 1e-3)
 
+    def reheard(self, now: float | None = None) -> None:
+        """Our connection was lost: the missing heartbeats were our deafness. Every server known counts as just
+        heard (a liveness timeout to speak again)."""
+        now = time.monotonic() if now is None else now
+        self.seen = {a: (max(t, now), state) for a, (t, state) in self.seen.items()}
+
     def registered(self, actor_id: str, parts=()) -> None:
         """A registration (at start, and whenever what it hosts changes): what it hosts now, at once."""
         self.hosting[actor_id] = {p.deployment for p in parts}

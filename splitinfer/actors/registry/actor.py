@@ -28,6 +28,10 @@ class Registry(Actor):
                                         self.connection.policy)
         await self.consume(q, self._on_message)
         self.spawn(self._watch(), name="liveness")
+        self.connection.on_reconnect(self._reheard)
+
+    async def _reheard(self) -> None:
+        self.table.reheard()
 
     async def _watch(self) -> None:
         """Notice (and log) dead actors even when nobody asks."""

@@ -33,6 +33,13 @@ class LivenessTable:
             self.intervals[msg.actor_id] = msg.interval_s
         return "registered" if old is None else None
 
+    def reheard(self, now: float | None = None) -> None:
+        """We were cut off (our connection to the broker was lost): the silence was ours, not theirs. Every actor
+        known counts as just heard, and has a liveness timeout to speak again."""
+        now = time.time() if now is None else now
+        self.actors = {aid: info.model_copy(update={"last_seen": max(info.last_seen, now)})
+                       for aid, info in self.actors.items()}
+
     def timeout(self, actor_id: str) -> float:
         return max(self.liveness_timeout_s, 3 * self.intervals.get(actor_id, 0.0))
 

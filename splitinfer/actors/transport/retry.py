@@ -43,10 +43,9 @@ CONNECT = Backoff(attempts=20, first_s=0.5, max_s=5.0)
 RECONNECT_INTERVAL_S = 1.0
 # A restarted model server loading again the parts it hosted: the model pool may not answer yet.
 RESTORE = Backoff(attempts=30, first_s=0.5, max_s=5.0)
-# A Client whose broker is away (restarting) keeps trying to send a job this way, never past the job's deadline.
+# A Client whose broker is away (restarting) keeps trying to send a job this way, never past the job's deadline;
+# a front end whose model pool does not answer (restarting) asks again this way, within the job's deadline.
 OUTAGE = Backoff(attempts=60, first_s=0.2, max_s=2.0)
-# A job answered `busy` (its front end tracks as many as it may) is sent again after these waits, within its deadline.
-BUSY = Backoff(attempts=8, first_s=0.05, max_s=1.0)
 # The front end's own answer (an error, an assembled result): more tries than a tensor's, then the job goes to the
 # dead-letter queue with the reason, never back to the jobs queue (that would recompute it forever).
 ANSWER = Backoff(attempts=6, first_s=0.1, max_s=2.0)

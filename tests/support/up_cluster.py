@@ -43,7 +43,16 @@ def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", ns: st
     settings = Settings(namespace=ns, cache_dir=root / "cache", result_store_url=store_url, queue_expires_s=600,
                         profile_dir=Settings().profile_cache(),
                         broker_url=env_extra.get("SPLITINFER_BROKER_URL", Settings().broker_url))
-    yield SimpleNamespace(ns=ns, env=env, settings=settings, up=up, root=root, store_url=store_url, log=log_path)
+    try:
+        yield SimpleNamespace(ns=ns, env=env, settings=settings, up=up, root=root, store_url=store_url, log=log_path)
+    except BaseException:  # the test failed: stop everything it started, then let its failure through
+        children = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGKILL)
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        raise
     children = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
     up.send_signal(signal.SIGTERM)
     try:

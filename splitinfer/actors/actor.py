@@ -179,23 +179,26 @@ class Actor:
         await self.deliveries.ack(message)
 
     async def publish_error(self, job_id: str | None, code: str, message: str, *, reply_to: str | None = None,
-                            deployment: str | None = None, plan: str | None = None) -> bool:
+                            deployment: str | None = None, plan: str | None = None,
+                            headers: dict | None = None) -> bytes | None:
         """An ErrorResult on `<ns>.results` (key reply_to / job id) and on control `error.<id>`. An error that
         belongs to no job (say, an undecodable control message) goes to control only: on the results exchange
         nobody could match it and the result store would keep an orphan row. A reply_to or job id that cannot be
-        a routing key is skipped (its publish could never succeed). True once it is on the results exchange."""
+        a routing key is skipped (its publish could never succeed). The answer's body once it is on the results
+        exchange, else None."""
         body = encode(ErrorResult(job_id=job_id, deployment=deployment, code=code, message=message[:1000],
                                   where=self.id, plan=plan))
         key = next((k for k in (reply_to, job_id) if k and key_problem(k, "key") is None), None)
         targets = [("control", self.names.error_key(self.id))]
         if key:
             targets.insert(0, ("results", self.names.result_key(key)))
-        answered = False
+        answered = None
         for exchange, rk in targets:
             try:
-                await self.publisher.publish(exchange, rk, body, headers={"job_id": (job_id or "")[:1000]},
-                                             mandatory=False)
-                answered = answered or exchange == "results"
+                await self.publisher.publish(exchange, rk, body, headers={"job_id": (job_id or "")[:1000],
+                                                                          **(headers or {})}, mandatory=False)
+                if exchange == "results":
+                    answered = body
             except Exception as exc:
                 self.log.error("error_publish_failed", error=first_line(exc))
         return answered

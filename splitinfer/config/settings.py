@@ -84,9 +84,11 @@ class Settings(BaseSettings):
     memory_limit_mb: float | None = Field(default=None, gt=0)  # a model server: weights it may hold (planner)
 
     # --- optimizer (actors/optimizer, planner/optimize.py)
-    # One RabbitMQ hop of a tensor as the planner charges it (DESIGN.md: about 0.7 ms + 2.5 ms per MB here).
-    broker_per_message_ms: float = Field(default=0.7, ge=0)
-    broker_per_mb_ms: float = Field(default=2.5, ge=0)
+    # One broker hop of a tensor as the planner charges it: what the bandwidth sweep fitted end to end on this
+    # data plane (README; DESIGN.md's 0.7 ms + 2.5 ms/MB is the bare broker alone). A hop between parts on one
+    # server costs nothing (local hand-off).
+    broker_per_message_ms: float = Field(default=5.2, ge=0)
+    broker_per_mb_ms: float = Field(default=3.3, ge=0)
     replan_interval_s: float = Field(default=10.0, ge=0)  # re-predict deployed plan tables from live state; 0: off
     deploy_timeout_s: float = Field(default=600.0, gt=0)  # a deploy (profile, split, upload, load) gives up after this
     # Profiles and calibrations belong to the machine, not to a cluster: a scratch cluster (tests, the demo) keeps

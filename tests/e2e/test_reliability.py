@@ -209,6 +209,20 @@ def test_unroutable_ids_are_refused_uncomputed_and_dead_lettered(cluster, deploy
     assert {"bad_reply_to", "bad_job_id"} <= set(by_code), letters
     assert "routing key" in by_code["bad_reply_to"]["reason"] and by_code["bad_reply_to"]["actor"] == "front_end"
     assert by_code["bad_reply_to"]["routing_key"] == Names(cluster.ns).jobs
+    total = json.loads(shown.stdout)["count"]
+    # sent back where they were going, they are refused again (and dead-lettered again, with the same reason)
+    requeued = cli("dead", "--requeue", env=cluster.env)
+    assert requeued.returncode == 0 and f"sent {total} dead letter" in requeued.stdout, requeued.stdout
+
+    async def refused_again() -> bool:
+        async with Client(cluster.settings) as c:
+            count, letters = await c.dead_letters(100)
+            return count == total and {d.code for d in letters} >= {"bad_reply_to", "bad_job_id"}
+
+    asyncio.run(eventually(refused_again, timeout=60, interval=0.3, message="the requeued jobs refused again"))
+    purged = cli("dead", "--purge", env=cluster.env)
+    assert purged.returncode == 0 and f"deleted {total} dead letter" in purged.stdout, purged.stdout
+    assert json.loads(cli("dead", "--json", env=cluster.env).stdout)["count"] == 0
 
 
 def test_resubmitted_job_id_gets_its_answer(cluster, deployed, io_names, dag_split):

@@ -40,9 +40,10 @@ def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", ns: st
     with open(log_path, "wb") as log:
         up = subprocess.Popen([sys.executable, "-m", "splitinfer.cli", "up", "--config", str(cfg)], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    settings = Settings(namespace=ns, cache_dir=root / "cache", result_store_url=store_url, queue_expires_s=600,
-                        profile_dir=Settings().profile_cache(),
-                        broker_url=env_extra.get("SPLITINFER_BROKER_URL", Settings().broker_url))
+    # the test's own clients see the cluster's settings (a queue type, a broker URL given in env_extra too)
+    extra = {k[len("SPLITINFER_"):].lower(): v for k, v in env_extra.items() if k.startswith("SPLITINFER_")}
+    settings = Settings(**{"namespace": ns, "cache_dir": root / "cache", "result_store_url": store_url,
+                           "queue_expires_s": 600, "profile_dir": Settings().profile_cache(), **extra})
     try:
         yield SimpleNamespace(ns=ns, env=env, settings=settings, up=up, root=root, store_url=store_url, log=log_path)
     except BaseException:  # the test failed: stop everything it started, then let its failure through

@@ -41,7 +41,13 @@ from splitinfer.actors.monitors import NetworkMonitor, follow_links
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.transport import Stopped, Unroutable, first_line, header_str
 from splitinfer.actors.transport.retry import ANSWER, MAX_JOB_DELIVERIES, OUTAGE
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, declare_kept_queue, escape_key, key_problem
+from splitinfer.actors.transport.topology import (
+    INTERNAL_REPLY_PREFIX,
+    UNKEPT,
+    declare_kept_queue,
+    escape_key,
+    key_problem,
+)
 from splitinfer.messages import (
     Deregister,
     ErrorResult,
@@ -277,7 +283,7 @@ class FrontEnd(Actor):
             return False
         try:
             await self.publisher.publish("results", self.names.result_key(reply_to), kept, mandatory=False,
-                                         headers={"job_id": job.job_id, "again": True}, backoff=ANSWER)
+                                         headers={"job_id": job.job_id, UNKEPT: True}, backoff=ANSWER)
         except Exception as exc:
             self.log.error("answer_again_failed", job_id=job.job_id, error=first_line(exc))
             await self.to_dead_letters(message, "answer_failed", f"the kept answer could not be sent: "
@@ -290,11 +296,13 @@ class FrontEnd(Actor):
     async def _reject(self, message: AbstractIncomingMessage, job: InferenceJob, reply_to: str, code: str,
                       reason: str, *, dead_letter: bool = True) -> None:
         """A job that cannot run: one error answer (where its ids can route), then the job goes to the dead-letter
-        queue with the reason (`dead_letter=False`: it was fine, only too late: acked)."""
-        if key_problem(job.job_id, "job id") is None:
+        queue with the reason, and the same id submitted again gets the same answer. `dead_letter=False`: it was
+        fine, only too late (admission): acked, and the same id may be tried again."""
+        if dead_letter and key_problem(job.job_id, "job id") is None:
             self.tracker.forget(job.job_id)
             self.tracker.answered[job.job_id] = None
-        await self.publish_error(job.job_id, code, reason, reply_to=reply_to, deployment=job.deployment)
+        await self.publish_error(job.job_id, code, reason, reply_to=reply_to, deployment=job.deployment,
+                                 headers=None if dead_letter else {UNKEPT: True})
         self.stats["errors"] += 1
         self.log.warning("job_rejected", job_id=job.job_id[:200], code=code, reason=reason)
         if dead_letter:
@@ -341,7 +349,7 @@ class FrontEnd(Actor):
         if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
             return  # a part's error for us: the inbox takes it
         job_id = _answer_job_id(message.body, self.settings.max_message_bytes)
-        if job_id is None or (message.headers or {}).get("again"):
+        if job_id is None or (message.headers or {}).get(UNKEPT):
             return
         self.kept_answers.keep(job_id, message.body)
         answer = self.tracker.on_answered(job_id)
@@ -399,12 +407,15 @@ class FrontEnd(Actor):
                         "srv": self.id, "site": self.site, "sent": time.time(), "hops": [list(h) for h in hops]}
                 if job.plan is not None:
                     meta.update(model=job.deployment, plan=job.plan)
-                await self.publisher.publish("results", key, encode_frame(RESULT, meta, job.outputs), mandatory=False,
-                                             backoff=ANSWER)
+                body = encode_frame(RESULT, meta, job.outputs)
+                await self.publisher.publish("results", key, body, mandatory=False, backoff=ANSWER)
             elif answer.kind == "error":
-                if not await self.publish_error(job.job_id, answer.code or "error", answer.message or "",
-                                                reply_to=job.reply_to, deployment=job.deployment, plan=job.plan):
+                body = await self.publish_error(job.job_id, answer.code or "error", answer.message or "",
+                                                reply_to=job.reply_to, deployment=job.deployment, plan=job.plan)
+                if body is None:
                     raise ConnectionError("the error answer was not confirmed")
+            if answer.kind != "answered":  # kept at once: submissions that joined the job get it in _settle
+                self.kept_answers.keep(job.job_id, body)
         except Exception as exc:
             if not self.connection.is_open:
                 # the broker is away: it hands the job back when we reconnect, and it runs again then
@@ -437,7 +448,7 @@ class FrontEnd(Actor):
                 break
             with contextlib.suppress(Exception):
                 await self.publisher.publish("results", self.names.result_key(reply_to), kept, mandatory=False,
-                                             headers={"job_id": job.job_id, "again": True}, backoff=ANSWER)
+                                             headers={"job_id": job.job_id, UNKEPT: True}, backoff=ANSWER)
         for m in job.ack:
             await self.deliveries.ack(m)
 

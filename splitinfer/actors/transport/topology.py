@@ -194,6 +194,10 @@ def key_problem(value: str, what: str) -> str | None:
 
 
 DEAD_HEADER_PREFIX = "x-splitinfer-"
+# header of an answer that is not new: a kept answer sent again to a resubmission, or a refusal for lack of time
+# (the same id may be tried again): the front end does not remember it, the result store does not store it (a repeat
+# was stored when it first went out)
+UNKEPT = "x-splitinfer-unkept"
 
 
 def dead_letter_headers(message, code: str, reason: str, actor_id: str) -> dict:
@@ -256,8 +260,9 @@ async def declare_kept_queue(channel: AbstractChannel, names: Names, name: str, 
         return await channel.declare_queue(name, durable=True, arguments=args)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyMismatch(
-            f"queue {name} exists with other arguments ({first_line(exc)}); remove the namespace's queues with "
-            f"`splitinfer down --purge` (or use another SPLITINFER_NAMESPACE)") from None
+            f"queue {name} exists with other arguments ({first_line(exc)}): the namespace was set up with other "
+            f"settings (SPLITINFER_QUEUE_TYPE, SPLITINFER_DEAD_LETTER_*); use the same ones, or remove its queues "
+            f"with `splitinfer down --purge`, or use another SPLITINFER_NAMESPACE") from None
 
 
 async def declare_core(channel: AbstractChannel, names: Names, policy: QueuePolicy) -> dict[str, AbstractExchange]:

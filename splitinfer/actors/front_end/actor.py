@@ -442,10 +442,8 @@ class FrontEnd(Actor):
             self.admission.done(job.deployment, answer.latency_s if answer.kind != "error" else None, now)
         self.log("job_answered", job_id=job.job_id, kind=answer.kind, code=answer.code,
                  latency_ms=round(answer.latency_s * 1e3, 2), attempts=job.attempt + 1)
-        kept = self.kept_answers.get(job.job_id)
-        for reply_to in job.also_reply:
-            if kept is None:
-                break
+        kept = self.kept_answers.get(job.job_id) if job.also_reply else None
+        for reply_to in job.also_reply if kept is not None else ():
             with contextlib.suppress(Exception):
                 await self.publisher.publish("results", self.names.result_key(reply_to), kept, mandatory=False,
                                              headers={"job_id": job.job_id, UNKEPT: True}, backoff=ANSWER)

@@ -13,8 +13,8 @@
 - the first complete result or error wins; whatever arrives for an answered job is dropped (bounded memory);
 - an answered job's answer is kept for a while (`AnswerMemory`, bounded in bytes and age), so a job id submitted
   again gets that answer again; a job delivered over and over without an answer is poison (`count_delivery`);
-- the latencies of recent answers per deployment (`LatencyWindow`) tell admission whether a job's remaining
-  deadline can still be met.
+- the latencies of recent answers per deployment (`Admission`) tell whether a job's remaining deadline can still
+  be met.
 """
 
 from __future__ import annotations
@@ -150,8 +150,12 @@ class JobTracker:
         job = self.pending.get(job_id)
         if job is None or not job.resend or job.outputs:
             return None
+        return self._next_attempt(job, time.monotonic() if now is None else now)
+
+    def _next_attempt(self, job: PendingJob, now: float) -> PendingJob:
+        """The job's next attempt starts now, under its own request id (every attempt's id stays the job's)."""
         job.attempt += 1
-        job.attempt_started = time.monotonic() if now is None else now
+        job.attempt_started = now
         self.by_request[job.request_id] = job.job_id
         return job
 
@@ -210,10 +214,7 @@ class JobTracker:
             elif (job.resend and job.attempt < self.max_retries and not job.outputs
                   and now - job.attempt_started >= max(job.attempt_timeout_s,
                                                        (expected(job.deployment) or 0.0) if expected else 0.0)):
-                job.attempt += 1
-                job.attempt_started = now
-                self.by_request[job.request_id] = job.job_id
-                retries.append(job)
+                retries.append(self._next_attempt(job, now))
         return retries, answers
 
     def next_wakeup(self, now: float | None = None) -> float:

@@ -17,7 +17,10 @@ and injects its fault a third of the way in:
   and the jobs queue while the load runs;
 - `overload`: 2000 jobs as fast as one Client can send them, 2 s deadline each: goodput against the no-fault
   throughput (`baseline`, concurrency 8);
-- `large_job`: one batch-100 job; the servers' memory before and after.
+- `large_job`: one batch-100 job; the servers' memory before and after;
+- `node_down`: on a three-node cluster of private nodes (jobs and control in quorum queues, every actor given
+  every node's URL), the node every actor connected to first is stopped under load; the actors carry on through
+  the two survivors.
 
 Per row: jobs sent, ok, errors by code, lost (never answered), duplicated (answered more than once on the wire),
 wrong (an answer that is not its own input's: each is compared with the local model's output for that input),
@@ -46,7 +49,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from splitinfer.actors.supervisor.broker import PrivateBroker
+from splitinfer.actors.supervisor.broker import PrivateBroker, PrivateCluster
 from splitinfer.client import Client, subscribe_results
 from splitinfer.config import get_settings
 from splitinfer.harness import ClusterRun, local_runner, make_split, measure_distributed, percentile
@@ -56,7 +59,8 @@ from splitinfer.splitter.manifest import Manifest
 
 KILLABLE = ("server", "front_end", "registry", "model_pool", "result_store", "optimizer", "state_pool")
 FAULTS = ("baseline", *(f"kill_{k}" for k in KILLABLE), "broker_queued", "broker_load", "fuzz", "overload",
-          "large_job")
+          "large_job", "node_down")
+ON_CLUSTER = ("node_down",)  # rows run on a three-node cluster of private nodes (quorum queues) after the others
 TOL = 1e-4
 POOL_INPUTS = 16     # distinct inputs the jobs cycle through (each answer is checked against its own)
 SETTLE_S = 60.0      # after the last job is sent, wait at most this long for the answers
@@ -152,11 +156,13 @@ class Chaos:
     def tally(self, jobs: dict, answers: dict, fault_over: float | None) -> dict:
         ok = wrong = lost = dup = 0
         not_ok: list[str] = []   # the ids of jobs not answered right (to look up in the actors' logs)
+        twice: list[str] = []    # ... and of jobs answered more than once on the wire
         errors: collections.Counter = collections.Counter()
         recovery = None
         for job_id, (sent_at, k) in jobs.items():
             if self.wire[job_id] > 1:
                 dup += 1
+                twice.append(job_id)
             got = answers.get(job_id)
             if got is None or not isinstance(got[1], ResultMessage):
                 not_ok.append(job_id)
@@ -178,7 +184,7 @@ class Chaos:
             else:
                 errors[answer.code] += 1
         return {"sent": len(jobs), "ok": ok, "errors": dict(errors), "lost": lost, "duplicated": dup,
-                "wrong": wrong, "recovery_s": recovery, "not_ok": not_ok[:20]}
+                "wrong": wrong, "recovery_s": recovery, "not_ok": not_ok[:20], "twice": twice[:20]}
 
     # -- the faults
     def kill(self, kind: str):
@@ -196,6 +202,9 @@ class Chaos:
         await asyncio.to_thread(self.broker.start)
         while self.client.session.connection.reconnects == before or not self.client.session.connection.is_open:
             await asyncio.sleep(0.05)
+
+    async def node_down(self) -> None:
+        await asyncio.to_thread(self.broker.nodes[0].stop)
 
     async def broker_queued(self) -> dict:
         """20 jobs in the jobs queue, the front end frozen, the broker restarted; then the front end thaws."""
@@ -316,6 +325,8 @@ class Chaos:
             row = await self.load(self.args.duration, self.fuzz)
         elif fault == "overload":
             row = await self.overload()
+        elif fault == "node_down":
+            row = await self.load(self.args.duration, self.node_down)
         else:
             row = await self.large_job()
         row.setdefault("memory_before_mb", before)
@@ -337,29 +348,41 @@ async def run(args, say) -> dict:
         xs = [rng.uniform(0, 1, size=(1, 224, 224, 3)).astype(np.float32) for _ in range(POOL_INPUTS)]
         local = local_runner(split_dir)
         refs = [np.asarray(local({input_name: x})[output_name]) for x in xs]
-        broker = PrivateBroker(free_port(), tmp / "broker", say=lambda m: None)
-        broker.start()
-        try:
-            ns = f"splitinfer.chaos{uuid.uuid4().hex[:6]}"
-            cluster_settings = settings.model_copy(update={"namespace": ns, "broker_url": broker.url})
-            async with ClusterRun(args.servers, cluster_settings, say) as cluster:
-                cluster.keep_logs = args.keep_logs
-                async with Client(cluster.settings) as client:
-                    dep = await client.deploy(split_dir, replicas=args.replicas, min_servers=args.servers)
-                    chaos = Chaos(cluster, client, broker, dep.deployment, input_name, output_name, xs, refs, args)
-                    ready = asyncio.Event()
-                    listener = asyncio.create_task(chaos.listen(ready))
-                    await asyncio.wait_for(ready.wait(), 30)
-                    rows = []
-                    with Progress(console=Console(stderr=True), transient=True) as progress:
-                        task = progress.add_task("faults", total=len(args.faults))
-                        for fault in args.faults:
-                            progress.update(task, description=fault)
-                            rows.append(await chaos.row(fault))
-                            progress.advance(task)
-                    listener.cancel()
-        finally:
-            broker.stop()
+        rows = []
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("faults", total=len(args.faults))
+
+            async def faults_on(broker, kind: str, faults: list[str], queue_type: str) -> None:
+                broker.start()
+                try:
+                    ns = f"splitinfer.chaos{uuid.uuid4().hex[:6]}"
+                    cluster_settings = settings.model_copy(update={"namespace": ns, "broker_url": broker.url,
+                                                                   "queue_type": queue_type})
+                    async with ClusterRun(args.servers, cluster_settings, say) as cluster:
+                        cluster.keep_logs = args.keep_logs
+                        async with Client(cluster.settings) as client:
+                            dep = await client.deploy(split_dir, replicas=args.replicas, min_servers=args.servers)
+                            chaos = Chaos(cluster, client, broker, dep.deployment, input_name, output_name, xs,
+                                          refs, args)
+                            ready = asyncio.Event()
+                            listener = asyncio.create_task(chaos.listen(ready))
+                            await asyncio.wait_for(ready.wait(), 30)
+                            for fault in faults:
+                                progress.update(task, description=fault)
+                                rows.append({**await chaos.row(fault), "broker": kind})
+                                progress.advance(task)
+                            listener.cancel()
+                finally:
+                    broker.stop()
+
+            single = [f for f in args.faults if f not in ON_CLUSTER]
+            if single:
+                await faults_on(PrivateBroker(free_port(), tmp / "broker", say=lambda m: None), "1 node", single,
+                                settings.queue_type)
+            on_cluster = [f for f in args.faults if f in ON_CLUSTER]
+            if on_cluster:
+                await faults_on(PrivateCluster([free_port() for _ in range(3)], tmp / "nodes", say=lambda m: None),
+                                "3 nodes, quorum", on_cluster, "quorum")
     return {"model": args.model, "parts": args.parts, "replicas": args.replicas, "servers": args.servers,
             "rate_per_s": args.rate, "duration_s": args.duration, "rows": rows}
 
@@ -367,9 +390,9 @@ async def run(args, say) -> dict:
 def show(report: dict, console: Console) -> None:
     t = Table(title=f"chaos: {report['model'].split(':')[-1]} in {report['parts']} parts x {report['replicas']} "
                     f"replicas, {report['rate_per_s']} jobs/s")
-    for col in ("fault", "sent", "ok", "errors", "lost", "dup", "wrong", "recovery s", "memory MB before/after",
+    for col in ("fault", "broker", "sent", "ok", "errors", "lost", "dup", "wrong", "recovery s", "memory MB before/after",
                 "note"):
-        t.add_column(col, justify="left" if col in ("fault", "errors", "note") else "right")
+        t.add_column(col, justify="left" if col in ("fault", "broker", "errors", "note") else "right")
     for r in report["rows"]:
         note = ""
         if "goodput_per_s" in r:
@@ -379,7 +402,7 @@ def show(report: dict, console: Console) -> None:
         elif "server_memory_after_mb" in r:
             note = f"servers {r['server_memory_before_mb']:.0f} -> {r['server_memory_after_mb']:.0f} MB"
         rec = r.get("recovery_s")
-        t.add_row(r["fault"], str(r["sent"]), str(r["ok"]), ", ".join(f"{k} {v}" for k, v in r["errors"].items())
+        t.add_row(r["fault"], r.get("broker", "1 node"), str(r["sent"]), str(r["ok"]), ", ".join(f"{k} {v}" for k, v in r["errors"].items())
                   or "-", str(r["lost"]), str(r["duplicated"]), str(r["wrong"]),
                   "-" if rec is None else f"{rec:.2f}", f"{r['memory_before_mb']:.0f} / {r['memory_after_mb']:.0f}",
                   note)

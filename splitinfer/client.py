@@ -46,8 +46,9 @@ from splitinfer.actors.model_server.client import ServerOrders, failures
 from splitinfer.actors.optimizer.client import OptimizerClient
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.state_pool.client import StatePoolClient
-from splitinfer.actors.transport import Names, RemoteError, Session, Unroutable
+from splitinfer.actors.transport import Names, RemoteError, Session, Unroutable, connect_once
 from splitinfer.actors.transport import dead_letters as dlq
+from splitinfer.actors.transport.connection import connect_failover
 from splitinfer.actors.transport.dead_letters import DeadLetter
 from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S, OUTAGE
 from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, key_problem
@@ -697,7 +698,7 @@ async def publish_job(job: InferenceJob | bytes, settings: Settings | None = Non
     body = job if isinstance(job, (bytes, bytearray)) else encode(job)
     conn = None
     if channel is None:
-        conn = await aio_pika.connect(settings.broker_url)
+        conn = await connect_once(settings.broker_url)
         channel = await conn.channel(publisher_confirms=True)
     try:
         await channel.default_exchange.publish(
@@ -719,7 +720,7 @@ async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
     again): each job's first answer is yielded, later ones dropped (`dedupe=False`: all, as they come)."""
     settings = settings or get_settings()
     names = Names(settings.namespace)
-    conn = await aio_pika.connect(settings.broker_url)
+    conn = await connect_failover(settings.broker_url, f"results@{names.ns}")  # carries on through a node loss
     try:
         ch = await conn.channel()
         ex = await ch.declare_exchange(names.results, aio_pika.ExchangeType.TOPIC, durable=True)

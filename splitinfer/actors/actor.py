@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from splitinfer.actors.presence import Presence
 from splitinfer.actors.transport import Deliveries, Logger, Names, NoBroker, Session, first_line, header_str
+from splitinfer.actors.transport.retry import broker_lost
 from splitinfer.actors.transport.topology import dead_letter_headers, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import ErrorResult, Message, MessageError, PartRef, ServerState, decode, encode
@@ -67,9 +68,13 @@ class Actor:
     async def start(self) -> None:
         self._stop_event = asyncio.Event()
         await self.connection.open()
+        self.connection.on_reconnect(self._reconnected)
         await self.setup()
         await self.presence.start()
-        self.log("started", ns=self.names.ns, pid=os.getpid())
+        self.log("started", ns=self.names.ns, pid=os.getpid(), node=self.connection.node)
+
+    async def _reconnected(self) -> None:
+        self.log("reconnected", node=self.connection.node, reconnects=self.connection.reconnects)
 
     async def setup(self) -> None:
         """Declare and consume the actor's queues (override)."""
@@ -135,6 +140,11 @@ class Actor:
             try:
                 await handler(message)
             except Exception as exc:  # a handler bug must not kill the actor or block the queue
+                if broker_lost(exc) or not self.connection.is_open:
+                    # not the message's fault: the broker hands it back (here or elsewhere) when the channel dies
+                    self.log.warning("handler_interrupted", queue=queue.name, error=first_line(exc))
+                    await self.deliveries.requeue(message)
+                    return
                 self.log.error("handler_failed", queue=queue.name, error=first_line(exc))
                 await self.dead_letter(message, MessageError(first_line(exc), "internal",
                                                              header_str(message, "request_id")))

@@ -42,7 +42,7 @@ console = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
 err_console = Console(stderr=True)
 
 NS_HELP = "broker namespace (default: SPLITINFER_NAMESPACE or 'splitinfer')"
-BROKER_HELP = "broker URL (default: SPLITINFER_BROKER_URL)"
+BROKER_HELP = "broker URL, or a cluster's node URLs separated by commas (default: SPLITINFER_BROKER_URL)"
 MODEL_HELP = "a .keras file or keras.applications:NAME (built with weights=None)"
 SHAPE_HELP = "input shape without batch, e.g. 224x224x3 (keras.applications default 224x224x3)"
 

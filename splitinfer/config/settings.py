@@ -20,6 +20,8 @@ class Settings(BaseSettings):
         extra="ignore",
     )
 
+    # One node, or every node of a cluster separated by commas: actors connect to the first that answers and fail
+    # over to the others when theirs goes down.
     broker_url: str = "amqp://guest:guest@localhost:5672/"
     namespace: str = Field(default="splitinfer", pattern=r"^[A-Za-z0-9_.-]+$")
     cache_dir: Path = Path.home() / ".cache" / "splitinfer"
@@ -57,7 +59,8 @@ class Settings(BaseSettings):
     # --- durability and overload (README "Durability")
     # The queues that hold work the broker must keep (jobs, job notices, control services, the result store's and
     # the dead letters): "classic" on one node (fastest), "quorum" on a broker cluster (replicated: a node may
-    # fail). The data plane's part queues stay classic: their tensors are recomputed, never the only copy.
+    # fail). The data plane's part queues stay classic: their tensors are recomputed, never the only copy (on a
+    # cluster they are transient too, so a server declares them again on a surviving node).
     queue_type: Literal["classic", "quorum"] = "classic"
     dead_letter_max: int = Field(default=10_000, ge=1)        # the dead-letter queue keeps at most this many
     dead_letter_max_mb: float = Field(default=256.0, gt=0)    # ... and this many MB (the oldest are dropped)

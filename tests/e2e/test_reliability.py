@@ -214,12 +214,16 @@ def test_unroutable_ids_are_refused_uncomputed_and_dead_lettered(cluster, deploy
     requeued = cli("dead", "--requeue", env=cluster.env)
     assert requeued.returncode == 0 and f"sent {total} dead letter" in requeued.stdout, requeued.stdout
 
+    seen: list = []
+
     async def refused_again() -> bool:
         async with Client(cluster.settings) as c:
-            count, letters = await c.dead_letters(100)
-            return count == total and {d.code for d in letters} >= {"bad_reply_to", "bad_job_id"}
+            count, now = await c.dead_letters(100)
+            seen[:] = [count, sorted((d.code, d.actor) for d in now)]
+            return count == total and {d.code for d in now} >= {"bad_reply_to", "bad_job_id"}
 
-    asyncio.run(eventually(refused_again, timeout=60, interval=0.3, message="the requeued jobs refused again"))
+    asyncio.run(eventually(refused_again, timeout=60, interval=0.3,
+                           message=lambda: f"the requeued jobs refused again; before: {letters}, now: {seen}"))
     purged = cli("dead", "--purge", env=cluster.env)
     assert purged.returncode == 0 and f"deleted {total} dead letter" in purged.stdout, purged.stdout
     assert json.loads(cli("dead", "--json", env=cluster.env).stdout)["count"] == 0
@@ -249,7 +253,7 @@ def test_resubmitted_job_id_gets_its_answer(cluster, deployed, io_names, dag_spl
 
 def test_second_up_on_a_live_namespace_is_refused(cluster):
     proc = cli("up", "--config", str(cluster.root / "cluster.toml"), env=cluster.env, timeout=120)
-    assert_one_line_error(proc, "already has a running `splitinfer up`")
+    assert_one_line_error(proc, "already has a running control plane")
     assert cluster.up.poll() is None  # the first one carries on
 
 

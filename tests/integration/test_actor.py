@@ -71,3 +71,25 @@ async def _get(queue, timeout: float = 5.0):
             return m
         assert asyncio.get_running_loop().time() < deadline, f"nothing arrived on {queue.name}"
         await asyncio.sleep(0.05)
+
+
+def test_a_node_that_does_not_answer_is_passed_over_for_the_next(namespace):
+    """A cluster's URL list whose first node is down: the actor connects to the next one and says which."""
+    import socket
+
+    from splitinfer.actors.transport import masked
+    from tests.support.broker import BROKER
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"amqp://guest:guest@127.0.0.1:{s.getsockname()[1]}/"
+
+    async def main() -> str:
+        actor = Actor("failover", _settings(namespace).model_copy(update={"broker_url": f"{dead},{BROKER}"}))
+        await actor.start()
+        try:
+            return actor.connection.node
+        finally:
+            await actor.stop()
+
+    assert asyncio.run(main()) == masked(BROKER)

@@ -58,3 +58,14 @@ def test_queue_policy_declares_kept_queues_by_type_and_bounds_the_dead_letters()
     dead = QueuePolicy(dead_max=5, dead_max_bytes=1000, dead_ttl_s=2).dead_arguments(names)
     assert dead["x-max-length"] == 5 and dead["x-max-length-bytes"] == 1000 and dead["x-message-ttl"] == 2000
     assert dead["x-overflow"] == "drop-head" and "x-dead-letter-exchange" not in dead
+
+
+def test_a_cluster_url_list_is_split_and_masked_node_by_node():
+    from splitinfer.actors.transport import broker_urls, masked
+
+    urls = "amqp://u:secret@h1:5672/, amqp://u:secret@h2:5673/vh ,,amqps://u:secret@h3/"
+    assert broker_urls(urls) == ["amqp://u:secret@h1:5672/", "amqp://u:secret@h2:5673/vh", "amqps://u:secret@h3/"]
+    assert masked(urls) == "amqp://h1:5672/,amqp://h2:5673/vh,amqps://h3/"
+    assert "secret" not in masked(urls)
+    with pytest.raises(ValueError):
+        broker_urls(" , ")

@@ -13,12 +13,11 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
 
 from splitinfer.actors import transport
 from splitinfer.actors.transport import masked
@@ -41,7 +40,7 @@ def has_hash_exchange(url: str) -> bool:
     """True if the broker knows the x-consistent-hash exchange type (plugin enabled)."""
 
     async def probe() -> bool:
-        conn = await aio_pika.connect(url, timeout=5)
+        conn = await transport.connect_once(url, timeout=5)
         try:
             ch = await conn.channel()
             name = f"splitinfer.probe.{os.getpid()}.{time.monotonic_ns()}"
@@ -113,6 +112,7 @@ class PrivateBroker:
     say: Callable[[str], None] = print
     proc: subprocess.Popen | None = None
     dist_port: int = 0  # Erlang distribution port (rabbitmqctl talks to the node on it); chosen free at start
+    cookie: str | None = None  # the Erlang cookie; nodes of one cluster share it (None: a random one of its own)
 
     def _pick_dist_port(self) -> int:
         """RabbitMQ's default, port + 20000, is invalid above 45535: take it when valid and free, else any free port."""
@@ -165,7 +165,7 @@ class PrivateBroker:
         (d / "rabbitmq-env.conf").write_text("")
         cookie = d / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(os.urandom(16).hex().upper())
+            cookie.write_text(self.cookie or os.urandom(16).hex().upper())
             cookie.chmod(0o400)
         if broker_answers(self.url, timeout=2):
             self.say(f"reusing the private broker already running at {self.url} (node {self.nodename})")
@@ -209,6 +209,60 @@ class PrivateBroker:
                 self.proc.wait()
         self.say(f"private broker {self.nodename} stopped")
 
+    def ctl(self, *args: str, timeout: float = 120.0) -> None:
+        """rabbitmqctl against this node; BrokerError with its first line if it fails."""
+        ctl = _rabbit_bin("rabbitmqctl")
+        if ctl is None:
+            raise BrokerError("rabbitmqctl is not installed")
+        proc = subprocess.run([ctl, "-n", self.nodename, *args], env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
+            raise BrokerError(f"rabbitmqctl {' '.join(args)} on {self.nodename} failed: "
+                              f"{first[0] if first else proc.returncode}")
+
+
+@dataclass
+class PrivateCluster:
+    """Several private nodes on this machine joined into one RabbitMQ cluster (a shared cookie; each node its own
+    name, port, data directory and the consistent-hash plugin): for the tests and benchmarks that stop a node."""
+
+    ports: list[int]
+    data_dir: Path
+    say: Callable[[str], None] = print
+    nodes: list[PrivateBroker] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cookie = os.urandom(16).hex().upper()
+        self.nodes = [PrivateBroker(port, Path(self.data_dir) / f"node{port}", say=self.say, cookie=cookie)
+                      for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated: what SPLITINFER_BROKER_URL takes for a cluster."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self) -> str:
+        first, *others = self.nodes
+        try:
+            first.start()
+            for node in others:
+                node.start()
+                node.ctl("stop_app")
+                node.ctl("join_cluster", first.nodename)
+                node.ctl("start_app")
+                if not broker_answers(node.url, timeout=30):
+                    raise BrokerError(f"node {node.nodename} did not answer after joining the cluster")
+        except BaseException:
+            self.stop()
+            raise
+        self.say(f"private cluster of {len(self.nodes)} nodes ready at {masked(self.url)}")
+        return self.url
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
 
 def ensure_broker(url: str, private_port: int, data_dir: Path, say: Callable[[str], None] = print,
                   allow_private: bool = True) -> tuple[str, PrivateBroker | None]:
@@ -225,7 +279,8 @@ def ensure_broker(url: str, private_port: int, data_dir: Path, say: Callable[[st
                 raise BrokerError(f"{HASH_PLUGIN} still unavailable at {masked(url)} after enabling it")
         return url, None
     if not allow_private:
-        raise BrokerError(f"no broker answers at {masked(url)}")
+        raise BrokerError(f"no broker answers at {masked(url)}; start RabbitMQ there, or ask for a private node on "
+                          f"this machine (`splitinfer up --private-broker`, or private_broker = true in cluster.toml)")
     if not rabbitmq_installed():
         raise BrokerError(f"no broker answers at {masked(url)} and rabbitmq-server is not installed")
     broker = PrivateBroker(private_port, Path(data_dir), say=say)

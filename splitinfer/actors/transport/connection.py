@@ -11,49 +11,57 @@ import asyncio
 import contextlib
 import logging
 from typing import AsyncIterator, Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from yarl import URL
 
-from splitinfer.actors.transport.retry import CLIENT_CONNECT_TIMEOUT_S, CONNECT, ONCE, RECONNECT_INTERVAL_S, Backoff
+from splitinfer.actors.transport.nodes import NoBroker, broker_answers, broker_urls, masked
+from splitinfer.actors.transport.retry import CONNECT, ONCE, RECONNECT_INTERVAL_S, Backoff
 from splitinfer.actors.transport.topology import Names, QueuePolicy, declare_core
 
 
-def masked(url: str) -> str:
-    """The URL without its credentials, for messages and logs."""
-    parts = urlsplit(url)
-    host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over the nodes of a cluster: each lost connection or failed attempt moves on to the next
+    URL, so an actor whose node is down carries on through a survivor (its channels, queues and consumers restored
+    there as aio-pika restores them on any reconnect)."""
 
+    def __init__(self, urls: list[str], start: int = 0, **kwargs):
+        self.urls = [URL(u) for u in urls]
+        self.current = start % len(self.urls)
+        super().__init__(self.urls[self.current], **kwargs)
 
-@contextlib.contextmanager
-def quiet_amqp_logs():
-    """A refused probe is an answer we report, not a log line of aio-pika's."""
-    loggers = [logging.getLogger(n) for n in ("aiormq", "aio_pika")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    def advance(self) -> None:
+        if len(self.urls) > 1:
+            self.current = (self.current + 1) % len(self.urls)
+            self.url = self.urls[self.current]
 
+    async def _on_connection_close(self, closing: asyncio.Future) -> None:
+        if not (self._close_called or self.is_closed):
+            self.advance()
+        await super()._on_connection_close(closing)
 
-async def broker_answers(url: str, timeout: float = CLIENT_CONNECT_TIMEOUT_S) -> bool:
-    """True if an AMQP broker accepts a connection at url (a real AMQP handshake, not just an open port)."""
-    with quiet_amqp_logs():
+    async def _RobustConnection__connect_transport(self) -> None:  # aio-pika's per-attempt step (name-mangled)
         try:
-            conn = await asyncio.wait_for(aio_pika.connect(url, timeout=timeout), timeout + 1)
+            await super()._RobustConnection__connect_transport()
         except Exception:
-            return False
-    await conn.close()
-    return True
+            self.advance()
+            raise
 
 
-class NoBroker(ConnectionError):
-    """No broker answered at the URL (the message says where, without credentials)."""
+async def connect_failover(url: str, name: str, start: int = 0) -> FailoverConnection:
+    """A robust connection to the first node of `url` that answers, failing over to the others later on."""
+    urls = broker_urls(url)
+    last: Exception | None = None
+    for k in range(len(urls)):
+        robust = FailoverConnection(urls, start=start + k, client_properties={"connection_name": name},
+                                    reconnect_interval=RECONNECT_INTERVAL_S)
+        try:
+            await robust.connect()
+            return robust
+        except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            last = exc
+    raise NoBroker(f"no broker at {masked(url)}: {last}")
 
 
 class Connection:
@@ -84,15 +92,14 @@ class Connection:
         last: Exception | None = None
         for attempt in range(backoff.attempts):
             try:
-                self.robust = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.name},
-                                                            reconnect_interval=RECONNECT_INTERVAL_S)
+                self.robust = await connect_failover(self.url, self.name)  # every node tried in each attempt
                 break
-            except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            except NoBroker as exc:
                 last = exc
                 if attempt + 1 < backoff.attempts:
                     await asyncio.sleep(backoff.delay(attempt + 1))
         else:
-            raise NoBroker(f"no broker at {masked(self.url)}: {last}")
+            raise NoBroker(str(last))
         self.channel = await self.robust.channel(publisher_confirms=True, on_return_raises=True)
         await self.channel.set_qos(prefetch_count=self.prefetch)
         self._qos = self.prefetch
@@ -111,6 +118,11 @@ class Connection:
                 await callback()
             except Exception as exc:  # a failing hook must not stop the others or the connection
                 logging.getLogger("splitinfer").warning("reconnect hook failed: %s", exc)
+
+    @property
+    def node(self) -> str:
+        """The broker node this connection is on now (a cluster's URL list: the one it failed over to)."""
+        return masked(str(self.robust.url)) if self.robust is not None else ""
 
     @property
     def is_open(self) -> bool:

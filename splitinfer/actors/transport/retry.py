@@ -86,6 +86,11 @@ TRANSIENT = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateE
              asyncio.TimeoutError)
 
 
+def broker_lost(exc: BaseException) -> bool:
+    """The connection to the broker went away (a restart, a node down): not a fault of the message in hand."""
+    return isinstance(exc, (aiormq.exceptions.AMQPConnectionError, ConnectionError))
+
+
 def classify(exc: BaseException) -> str:
     """'unroutable', 'transient' or 'fatal' (a bug or a bad argument: retrying cannot help)."""
     if is_unroutable(exc):

@@ -36,6 +36,7 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from splitinfer.actors.transport.log import first_line
+from splitinfer.actors.transport.nodes import connect_once
 
 HASH_EXCHANGE_TYPE = "x-consistent-hash"
 # reply_to of the tensors a front end sends: errors about them come back to it, not to the user; the result store
@@ -174,8 +175,12 @@ class Names:
 
     @property
     def supervisor_lock(self) -> str:
-        """Held (an exclusive queue) by the namespace's one running supervisor."""
+        """Held (an exclusive queue) by the supervisor running the namespace's one control plane."""
         return f"{self.ns}.supervisor"
+
+    def server_lock(self, server_id: str) -> str:
+        """Held by the supervisor running the server of that id (on whichever machine): ids stay unique."""
+        return f"{self.ns}.supervisor.server.{escape_key(server_id)}"
 
 
 MAX_ROUTING_KEY_BYTES = 255  # AMQP shortstr: a longer routing key cannot be published at all
@@ -213,7 +218,10 @@ def dead_letter_headers(message, code: str, reason: str, actor_id: str) -> dict:
 class QueuePolicy:
     """How a namespace's queues are declared: the type of the queues that hold work the broker must keep (jobs,
     notices, control services, results, dead letters), their expiry (scratch namespaces) and the dead-letter
-    queue's bounds. Part queues are always classic: their tensors are ephemeral and latency matters most there."""
+    queue's bounds. Part queues are always classic: their tensors are ephemeral (recomputed from the job, never the
+    only copy) and latency matters most there. On a cluster (quorum) they are also transient: a durable classic
+    queue whose node is down cannot be declared again anywhere, a transient one is deleted with its node and
+    declared again by its server on a survivor."""
 
     queue_type: str = "classic"
     expires_s: float | None = None
@@ -241,6 +249,11 @@ class QueuePolicy:
             args["x-queue-type"] = "quorum"
         return args
 
+    @property
+    def durable_parts(self) -> bool:
+        """Part queues outlive a broker restart on one node; on a cluster they must not outlive their node."""
+        return self.queue_type != "quorum"
+
     def dead_arguments(self, names: Names) -> dict:
         """The dead-letter queue: bounded in count, bytes and age; the oldest go first."""
         return {**self.arguments(names, dead_letter=False), "x-max-length": self.dead_max,
@@ -253,11 +266,11 @@ class TopologyMismatch(Exception):
 
 
 async def declare_kept_queue(channel: AbstractChannel, names: Names, name: str, policy: QueuePolicy,
-                             arguments: dict | None = None) -> AbstractQueue:
-    """A durable queue holding work the broker must keep, declared as the policy says."""
+                             arguments: dict | None = None, durable: bool = True) -> AbstractQueue:
+    """A queue declared as the policy says (durable unless told: one holding work the broker must keep)."""
     args = arguments if arguments is not None else policy.arguments(names)
     try:
-        return await channel.declare_queue(name, durable=True, arguments=args)
+        return await channel.declare_queue(name, durable=durable, arguments=args)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyMismatch(
             f"queue {name} exists with other arguments ({first_line(exc)}): the namespace was set up with other "
@@ -294,7 +307,8 @@ async def declare_part(channel: AbstractChannel, names: Names, deployment: str, 
     queues = []
     for k in range(replicas):
         q = await declare_kept_queue(channel, names, names.replica_queue(deployment, part, k), policy,
-                                     policy.arguments(names, single_active=True, kept=False))
+                                     policy.arguments(names, single_active=True, kept=False),
+                                     durable=policy.durable_parts)
         await q.bind(part_ex, routing_key="1")
         queues.append(q)
     return queues
@@ -353,7 +367,7 @@ async def delete_namespace(broker_url: str, prefix: str, *, keep_nonempty: bool 
     names = listed if listed and any(listed.values()) else known_names(Names(prefix))
     deleted, kept = 0, []
     with contextlib.suppress(Exception):
-        conn = await aio_pika.connect(broker_url, timeout=10)
+        conn = await connect_once(broker_url, timeout=10)
         async with conn:
             for kind in ("queues", "exchanges"):
                 for name in names[kind]:

@@ -33,4 +33,24 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
 fi
 rabbitmq-diagnostics -q ping >/dev/null 2>&1 || { echo "RabbitMQ did not start" >&2; exit 1; }
 rabbitmq-plugins enable --quiet rabbitmq_consistent_hash_exchange >/dev/null
-echo "ready: $VENV/bin/splitinfer, broker at 127.0.0.1:5672" >&2
+
+# PostgreSQL (the result store's other backend; its tests use a scratch database on 127.0.0.1:5432): install it
+# if absent (Debian's package), start it if stopped. Nothing else needs it: SQLite stays the default store.
+if ! pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+        echo "installing postgresql" >&2
+        if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null \
+            || echo "could not install postgresql: its tests will be skipped" >&2
+    fi
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+        echo "starting postgresql" >&2
+        pg_lsclusters -h 2>/dev/null | while read -r version name _; do
+            if [[ $(id -u) -eq 0 ]]; then pg_ctlcluster "$version" "$name" start || true
+            else sudo pg_ctlcluster "$version" "$name" start || true; fi
+        done
+        for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+    fi
+fi
+echo "ready: $VENV/bin/splitinfer, broker at 127.0.0.1:5672$(pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null \
+    && echo ', PostgreSQL at 127.0.0.1:5432')" >&2

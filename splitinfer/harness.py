@@ -146,7 +146,7 @@ class ClusterRun:
         cfg = config.model_copy() if config is not None else ClusterConfig.default(servers)
         cfg.namespace = self.settings.namespace
         self.keep_logs = False  # set: the scratch directory (logs) stays after a clean run too
-        self.sup = Supervisor(cfg, settings=self.settings, say=say,
+        self.sup = Supervisor(cfg, settings=self.settings, say=say, allow_private_broker=True,
                               extra_env={"SPLITINFER_QUEUE_EXPIRES_S": str(queue_expires_s),
                                          "SPLITINFER_CACHE_DIR": str(self.scratch),
                                          "SPLITINFER_PROFILE_DIR": str(settings.profile_cache())})

@@ -1,4 +1,5 @@
-"""up, status, dead, down: start a cluster, see what runs in it, its dead letters, remove it from the broker."""
+"""up, server, status, dead, down: start a cluster (or its control plane alone), join a model server to it from
+any machine, see what runs in it, its dead letters, remove it from the broker."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from splitinfer.actors.supervisor import BrokerError, Supervisor
@@ -25,6 +27,7 @@ from splitinfer.cli.app import (
 )
 from splitinfer.client import Client
 from splitinfer.config import ClusterConfig
+from splitinfer.config.cluster import ServerSpec
 
 
 @app.command()
@@ -32,13 +35,48 @@ from splitinfer.config import ClusterConfig
 def up(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="cluster.toml: namespace, broker, servers"),
     servers: int = typer.Option(1, "--servers", help="model servers to start when no --config is given"),
+    control_plane: bool = typer.Option(False, "--control-plane",
+                                       help="the control plane alone (servers join with `splitinfer server`)"),
+    private_broker: bool = typer.Option(False, "--private-broker",
+                                        help="start a private RabbitMQ node if no broker answers (else an error)"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
     broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
 ):
-    """Start the cluster's actor processes (and a private broker if none answers); keep them running until Ctrl-C."""
+    """Start the cluster's actor processes; keep them running until Ctrl-C."""
     cfg = ClusterConfig.load(config) if config else ClusterConfig.default(servers)
     if servers < 1 and config is None:
         raise UserError("--servers must be at least 1")
+    if control_plane:
+        cfg = cfg.without_servers()
+    if private_broker:
+        cfg.private_broker = True
+    supervise(cfg, namespace, broker_url)
+
+
+@app.command()
+@user_errors
+def server(
+    name: str = typer.Option(..., "--name", help="the server's id in the cluster (unique in the namespace)"),
+    site: str = typer.Option("edge", "--site", help="where it runs: device, edge, cloud, ... (the planner's sites)"),
+    broker_url: Optional[str] = typer.Option(None, "--broker", "--broker-url", help=BROKER_HELP),
+    capacity: float = typer.Option(1.0, "--capacity", help="relative capacity (the planner's load share)"),
+    slowdown: float = typer.Option(1.0, "--slowdown", help="emulate a slower device: compute takes this many times "
+                                                          "longer"),
+    memory_mb: Optional[float] = typer.Option(None, "--memory-limit-mb", help="weights this server may hold"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
+):
+    """Run one model server that joins a running cluster from this machine: it registers through the broker, fetches
+    its parts from the model pool into its own cache, serves them, and is restarted if it crashes; Ctrl-C stops it."""
+    try:
+        spec = ServerSpec(id=name, site=site, capacity=capacity, slowdown=slowdown, memory_mb=memory_mb)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"--{'-'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    supervise(ClusterConfig.server_only(spec), namespace, broker_url)
+
+
+def supervise(cfg: ClusterConfig, namespace: Optional[str], broker_url: Optional[str]) -> None:
+    """Run what `cfg` describes under a supervisor until Ctrl-C (`up`, `server`)."""
     settings = cluster_settings(namespace, broker_url)
     if namespace:
         cfg.namespace = namespace

@@ -35,7 +35,8 @@ class ClusterConfig(BaseModel):
     """```toml
     namespace = "splitinfer"                      # optional, else settings
     broker_url = "amqp://guest:guest@localhost:5672/"  # optional, else settings
-    private_broker_port = 5673                    # used only if no broker answers
+    private_broker = false                        # true: start a private broker if none answers (else an error)
+    private_broker_port = 5673                    # its port
     front_end = true
     result_store = true
     front_end_site = "device"                     # the client's site (optional)
@@ -55,6 +56,7 @@ class ClusterConfig(BaseModel):
 
     namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     broker_url: str | None = None
+    private_broker: bool = False
     private_broker_port: int = Field(5673, ge=1024, le=65000)
     front_end: bool = True
     result_store: bool = True
@@ -113,6 +115,22 @@ class ClusterConfig(BaseModel):
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"]) or "(top level)"
             raise ConfigError(f"cluster config {path}: {where}: {err['msg']}") from None
+
+    @property
+    def control_plane(self) -> bool:
+        """Runs any of the namespace's one-per-cluster actors (else: servers joining a running cluster)."""
+        return any((self.registry, self.state_pool, self.model_pool, self.result_store, self.optimizer,
+                    self.front_end))
+
+    def without_servers(self) -> "ClusterConfig":
+        """The control plane alone (`splitinfer up --control-plane`): servers join with `splitinfer server`."""
+        return self.model_copy(update={"servers": []})
+
+    @classmethod
+    def server_only(cls, spec: ServerSpec, **kw) -> "ClusterConfig":
+        """One model server joining a running cluster (`splitinfer server`): no control plane of its own."""
+        return cls(servers=[spec], front_end=False, result_store=False, registry=False, model_pool=False,
+                   state_pool=False, optimizer=False, **kw)
 
     @classmethod
     def default(cls, servers: int = 1, sites: tuple[str, ...] = ("device", "edge", "cloud")) -> "ClusterConfig":

@@ -85,7 +85,8 @@ def test_up_starts_a_private_broker_when_none_answers_and_stops_it(tmp_path, nam
     url = f"amqp://guest:guest@localhost:{port}/"
     assert not broker_answers(url, timeout=1)
     cfg = tmp_path / "cluster.toml"
-    cfg.write_text(f'broker_url = "{url}"\nprivate_broker_port = {port}\nfront_end = false\nresult_store = false\n')
+    cfg.write_text(f'broker_url = "{url}"\nprivate_broker = true\nprivate_broker_port = {port}\nfront_end = false\n'
+                   f'result_store = false\n')
     env = {**os.environ, "SPLITINFER_NAMESPACE": namespace, "SPLITINFER_CACHE_DIR": str(tmp_path / "cache"),
            "COLUMNS": "300"}
     out = tmp_path / "up.log"
@@ -111,3 +112,14 @@ def test_up_starts_a_private_broker_when_none_answers_and_stops_it(tmp_path, nam
     assert "private broker" in text and "stopped" in text and "all stopped" in text
     assert not broker_answers(url, timeout=1)
     assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_up_without_a_broker_is_an_error_unless_a_private_one_is_asked_for(tmp_path, namespace):
+    from tests.support.cli import assert_one_line_error, cli
+
+    url = f"amqp://guest:guest@localhost:{free_port()}/"
+    env = {**os.environ, "SPLITINFER_NAMESPACE": namespace, "SPLITINFER_CACHE_DIR": str(tmp_path / "cache")}
+    for args in (("up", "--broker-url", url), ("server", "--name", "e1", "--broker", url)):
+        proc = cli(*args, env=env, timeout=120)
+        assert_one_line_error(proc, "no broker answers", "--private-broker")
+    assert not broker_answers(url, timeout=1)  # nothing was started behind the user's back

@@ -18,12 +18,15 @@ from splitinfer.config import Settings
 
 
 @contextlib.contextmanager
-def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", ns: str | None = None, **env_extra: str):
+def up_cluster(root: Path, run_prefix: str, config: str, tag: str = "up", ns: str | None = None,
+               store_url: str | None = None, **env_extra: str):
     """Yields (ns, env, settings, up, root, store_url, log); SIGTERM at exit, like Ctrl-C. `ns` runs an existing
-    namespace again (a restart of `up`); SPLITINFER_BROKER_URL in env_extra points it at another broker."""
+    namespace again (a restart of `up`); SPLITINFER_BROKER_URL in env_extra points it at another broker;
+    `store_url` (default a SQLite file in root) where the result store writes."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     ns = ns or f"{run_prefix}.{tag}{uuid.uuid4().hex[:6]}"
-    store_url = f"sqlite:///{root / 'results.db'}"
+    store_url = store_url or f"sqlite:///{root / 'results.db'}"
     env = {
         **os.environ,
         "SPLITINFER_NAMESPACE": ns,

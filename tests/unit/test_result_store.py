@@ -1,5 +1,6 @@
-"""The result store (SQLite): URLs, every row kept, queries by namespace, job and kind, a second handle following
-what the writer commits."""
+"""The result store, the same tests on SQLite and on a real PostgreSQL server (a scratch database of the test's
+own): URLs, every row kept, queries by namespace, job and kind, a second handle following what the writer
+commits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ import pytest
 
 from splitinfer.actors.result_store.store import ResultStore, StoreURLError, sqlite_path
 from splitinfer.config import Settings
+from tests.support.postgres import requires_postgres, scratch_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=requires_postgres)])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'r.db'}"
+    else:
+        with scratch_database("store") as url:
+            yield url
 
 
 def test_store_urls():
@@ -17,13 +28,15 @@ def test_store_urls():
     assert sqlite_path("sqlite:///rel/x.db") == "rel/x.db"
     assert sqlite_path("sqlite://") == ":memory:"
     assert sqlite_path("/plain/path.db") == "/plain/path.db"
-    with pytest.raises(StoreURLError, match="postgresql"):
+    with pytest.raises(StoreURLError, match="not a SQLite URL"):
         sqlite_path("postgresql://host/db")
+    with pytest.raises(StoreURLError, match="'mysql' is not supported"):
+        ResultStore("mysql://host/db")
     assert Settings(cache_dir=Path("/c")).results_url() == "sqlite:////c/results.db"
 
 
-def test_store_keeps_every_row_and_queries_by_namespace_job_and_kind(tmp_path):
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+def test_store_keeps_every_row_and_queries_by_namespace_job_and_kind(store_url):
+    url = store_url
     with ResultStore(url) as db:
         a = db.add("ns1", "result", "j1", deployment="d", latency_s=0.1, served_by=["s1"],
                    hops=[{"part": "part0", "server": "s1", "compute_s": 0.01}],
@@ -56,3 +69,12 @@ def test_store_keeps_every_row_and_queries_by_namespace_job_and_kind(tmp_path):
         writer.add("ns1", "result", "j5")
         th.join(10)
         assert got == ["j5"]
+
+
+@requires_postgres
+def test_a_postgresql_server_that_refuses_is_one_clear_error():
+    from tests.support.postgres import POSTGRES_ADMIN_URL
+
+    with pytest.raises(StoreURLError, match="cannot open the result store") as err:
+        ResultStore(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/no_such_database_here")
+    assert "\n" not in str(err.value)

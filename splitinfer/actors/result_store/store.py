@@ -1,5 +1,6 @@
-"""The result store's storage: every result and error of a namespace, one row per message, in SQLite (the URL
-setting). Pure: sqlite3, no broker, so `splitinfer results` reads it without one.
+"""The result store's storage: every result and error of a namespace, one row per message, in SQLite (the default,
+a file beside the cluster) or PostgreSQL (`postgresql://user@host/db`: readable from any machine), through
+SQLAlchemy Core. Pure: no broker, so `splitinfer results` reads it without one.
 
 Every message is kept (no unique key on the job id): a job answered twice would show as two rows, which is how the
 tests check "answered once".
@@ -8,33 +9,37 @@ tests check "answered once".
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT NOT NULL,
-    job_id TEXT,
-    kind TEXT NOT NULL,              -- 'result' or 'error'
-    deployment TEXT,
-    code TEXT,                       -- error code (errors only)
-    message TEXT,                    -- error message (errors only)
-    latency_s REAL,
-    served_by TEXT,                  -- JSON list of servers (results) or the actor that failed (errors)
-    hops TEXT,                       -- JSON list of hops (where the time went)
-    outputs TEXT,                    -- JSON {tensor: {shape, dtype}} summary
-    body BLOB,                       -- the message exactly as received (msgpack), outputs included
-    received_at REAL NOT NULL,
-    plan TEXT                        -- the plan that ran (a model deployment's plan table), else NULL
-);
-CREATE INDEX IF NOT EXISTS results_ns_job ON results (namespace, job_id);
-CREATE INDEX IF NOT EXISTS results_ns_id ON results (namespace, id);
-"""
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
+
+METADATA = sa.MetaData()
+RESULTS = sa.Table(
+    "results", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("namespace", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Text),
+    sa.Column("kind", sa.Text, nullable=False),     # 'result' or 'error'
+    sa.Column("deployment", sa.Text),
+    sa.Column("code", sa.Text),                     # error code (errors only)
+    sa.Column("message", sa.Text),                  # error message (errors only)
+    sa.Column("latency_s", sa.Double),
+    sa.Column("served_by", sa.Text),                # JSON list of servers (results) or the actor that failed (errors)
+    sa.Column("hops", sa.Text),                     # JSON list of hops (where the time went)
+    sa.Column("outputs", sa.Text),                  # JSON {tensor: {shape, dtype}} summary
+    sa.Column("body", sa.LargeBinary),              # the message exactly as received (msgpack), outputs included
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.Column("plan", sa.Text),                     # the plan that ran (a model deployment's plan table), else NULL
+    sa.Index("results_ns_job", "namespace", "job_id"),
+    sa.Index("results_ns_id", "namespace", "id"),
+    sqlite_autoincrement=True,
+)
+COLUMNS = [c for c in RESULTS.c if c.name != "body"]
 
 
 ROW_FIELDS = {"namespace", "kind", "job_id", "deployment", "code", "message", "latency_s", "served_by", "hops",
@@ -47,7 +52,7 @@ class StoreURLError(ValueError):
 
 def sqlite_path(url: str) -> str:
     """`sqlite:///rel/path.db`, `sqlite:////abs/path.db` (SQLAlchemy's spelling), `sqlite://` (memory) or a plain
-    path. PostgreSQL is a future backend: its URL is refused with a clear message rather than misread as a path."""
+    path."""
     if url in ("sqlite://", "sqlite:///:memory:"):
         return ":memory:"
     if url.startswith("sqlite:///"):
@@ -56,9 +61,46 @@ def sqlite_path(url: str) -> str:
             raise StoreURLError(f"result store URL {url!r} has no path")
         return path
     if "://" in url:
-        scheme = url.split("://", 1)[0]
-        raise StoreURLError(f"result store URL scheme {scheme!r} is not supported (use sqlite:///path.db)")
+        raise StoreURLError(f"not a SQLite URL: {url!r}")
     return url
+
+
+def engine_for(url: str) -> sa.Engine:
+    """The engine of a store URL: SQLite (WAL, so a CLI reader never blocks the writer) or PostgreSQL (psycopg)."""
+    scheme = url.split("://", 1)[0] if "://" in url else "sqlite"
+    if scheme.startswith("postgres"):
+        if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise StoreURLError(f"result store URL scheme {scheme!r} is not supported (use postgresql://)")
+        return sa.create_engine("postgresql+psycopg://" + url.split("://", 1)[1], pool_pre_ping=True)
+    if scheme != "sqlite":
+        raise StoreURLError(f"result store URL scheme {scheme!r} is not supported (use sqlite:///path.db or "
+                            f"postgresql://user@host/db)")
+    path = sqlite_path(url)
+    if path == ":memory:":
+        engine = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        path = str(Path(path).expanduser())
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:
+        cur = dbapi_connection.cursor()
+        if path != ":memory:":
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    return engine
+
+
+def _upgrade(conn: sa.Connection) -> None:
+    """Stores written by earlier versions: the plan column added, the per-hop column renamed to one name."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("results")}
+    if "plan" not in columns:
+        conn.execute(sa.text("ALTER TABLE results ADD COLUMN plan TEXT"))
+    if "timings" in columns:
+        conn.execute(sa.text("ALTER TABLE results RENAME COLUMN timings TO hops"))
 
 
 @dataclass
@@ -87,31 +129,21 @@ class StoredRow:
 
 
 class ResultStore:
-    """Thread-safe (one connection, one lock); WAL so a CLI reader never blocks the writer."""
+    """Thread-safe (the engine's connection pool); the schema is created on open."""
 
     def __init__(self, url: str):
         self.url = url
-        path = sqlite_path(url)
-        if path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            path = str(Path(path).expanduser())
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        if path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
-        if "plan" not in columns:  # a store written before plan tables existed
-            self._db.execute("ALTER TABLE results ADD COLUMN plan TEXT")
-        if "timings" in columns:  # a store written before the per-hop field had one name everywhere
-            self._db.execute("ALTER TABLE results RENAME COLUMN timings TO hops")
-        self._db.commit()
+        self.engine = engine_for(url)
+        try:
+            with self.engine.begin() as conn:
+                METADATA.create_all(conn)
+                _upgrade(conn)
+        except sa.exc.OperationalError as exc:
+            self.engine.dispose()
+            raise StoreURLError(f"cannot open the result store: {str(exc.orig).strip().splitlines()[0]}") from None
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
 
     def __enter__(self) -> "ResultStore":
         return self
@@ -133,20 +165,15 @@ class ResultStore:
             unknown = set(r) - ROW_FIELDS
             if unknown:
                 raise TypeError(f"unknown result store fields {sorted(unknown)}")
-            values.append((
-                r["namespace"], r.get("job_id"), r["kind"], r.get("deployment"), r.get("code"), r.get("message"),
-                r.get("latency_s"), json.dumps(r.get("served_by")), json.dumps(r.get("hops") or []),
-                json.dumps(r.get("outputs") or {}), r.get("body"),
-                time.time() if r.get("received_at") is None else r["received_at"], r.get("plan")))
-        ids = []
-        with self._lock:
-            for v in values:
-                cur = self._db.execute(
-                    "INSERT INTO results (namespace, job_id, kind, deployment, code, message, latency_s, served_by,"
-                    " hops, outputs, body, received_at, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", v)
-                ids.append(int(cur.lastrowid))
-            self._db.commit()
-        return ids
+            values.append(dict(
+                namespace=r["namespace"], job_id=r.get("job_id"), kind=r["kind"], deployment=r.get("deployment"),
+                code=r.get("code"), message=r.get("message"), latency_s=r.get("latency_s"),
+                served_by=json.dumps(r.get("served_by")), hops=json.dumps(r.get("hops") or []),
+                outputs=json.dumps(r.get("outputs") or {}), body=r.get("body"),
+                received_at=time.time() if r.get("received_at") is None else r["received_at"], plan=r.get("plan")))
+        with self.engine.begin() as conn:
+            result = conn.execute(RESULTS.insert().returning(RESULTS.c.id, sort_by_parameter_order=True), values)
+            return [int(row[0]) for row in result]
 
     def query(
         self,
@@ -159,42 +186,36 @@ class ResultStore:
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[StoredRow]:
-        where, args = ["id > ?"], [after_id]
+        q = sa.select(*COLUMNS).where(RESULTS.c.id > after_id)
         for column, value in (("namespace", namespace), ("job_id", job_id), ("kind", kind),
                               ("deployment", deployment)):
             if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        sql = (
-            "SELECT id, namespace, job_id, kind, deployment, code, message, latency_s, served_by, hops, outputs,"
-            f" received_at, plan FROM results WHERE {' AND '.join(where)} ORDER BY id {'DESC' if newest_first else 'ASC'}"
-        )
+                q = q.where(RESULTS.c[column] == value)
+        q = q.order_by(RESULTS.c.id.desc() if newest_first else RESULTS.c.id.asc())
         if limit is not None:
-            sql += " LIMIT ?"
-            args.append(int(limit))
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
         return [
-            StoredRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8] or "null"),
-                      json.loads(r[9] or "[]"), json.loads(r[10] or "{}"), r[11], r[12])
+            StoredRow(r.id, r.namespace, r.job_id, r.kind, r.deployment, r.code, r.message, r.latency_s,
+                      json.loads(r.served_by or "null"), json.loads(r.hops or "[]"), json.loads(r.outputs or "{}"),
+                      r.received_at, r.plan)
             for r in rows
         ]
 
     def body(self, row_id: int) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM results WHERE id = ?", (row_id,)).fetchone()
-        return None if row is None else row[0]
+        with self.engine.connect() as conn:
+            body = conn.execute(sa.select(RESULTS.c.body).where(RESULTS.c.id == row_id)).scalar()
+        return None if body is None else bytes(body)
 
     def count(self, namespace: str | None = None, kind: str | None = None) -> int:
-        where, args = ["1=1"], []
+        q = sa.select(sa.func.count()).select_from(RESULTS)
         if namespace is not None:
-            where.append("namespace = ?")
-            args.append(namespace)
+            q = q.where(RESULTS.c.namespace == namespace)
         if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
-        with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM results WHERE {' AND '.join(where)}", args).fetchone()[0])
+            q = q.where(RESULTS.c.kind == kind)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
 
     def follow(self, namespace: str | None = None, after_id: int = 0, poll_s: float = 0.5,
                stop: threading.Event | None = None) -> Iterator[StoredRow]:

@@ -108,7 +108,7 @@ class Supervisor:
     `await sup.stop()`; or `splitinfer up`."""
 
     def __init__(self, config: ClusterConfig, settings: Settings | None = None, run_dir: Path | None = None,
-                 say: Callable[[str], None] = print, allow_private_broker: bool = True,
+                 say: Callable[[str], None] = print, allow_private_broker: bool | None = None,
                  extra_env: dict[str, str] | None = None):
         self.config = config
         self.settings = settings or get_settings()
@@ -116,7 +116,8 @@ class Supervisor:
         self.broker_url = config.broker_url or self.settings.broker_url
         self.run_dir = Path(run_dir or self.settings.cache_dir / "run" / self.namespace)
         self.say = say
-        self.allow_private_broker = allow_private_broker
+        # a broker that does not answer is an error, unless a private one was asked for (config or caller)
+        self.allow_private_broker = config.private_broker if allow_private_broker is None else allow_private_broker
         self.extra_env = dict(extra_env or {})
         self.private_broker: PrivateBroker | None = None
         self.actors: dict[str, ActorProcess] = {}
@@ -141,6 +142,7 @@ class Supervisor:
             **self.config.link_env(),
             "SPLITINFER_NAMESPACE": self.namespace,
             "SPLITINFER_BROKER_URL": self.broker_url,
+            "SPLITINFER_QUEUE_TYPE": self.settings.queue_type,  # every actor of a namespace declares queues alike
             "PYTHONUNBUFFERED": "1",
         }
         for name, argv in plan_actors(self.config):
@@ -188,22 +190,27 @@ class Supervisor:
             actor.restarts += 1
             await self._spawn(actor)
 
-    # -- one supervisor per namespace
+    # -- one control plane per namespace, one process per server id
     async def _hold_namespace(self) -> None:
-        """Take the namespace's lock (an exclusive queue on a session of our own), or NamespaceInUse."""
+        """Take the locks (exclusive queues on a session of our own) of what this supervisor runs: the namespace's
+        control plane, and each server id; NamespaceInUse when another supervisor, on any machine, holds one."""
         session = Session(self.settings.model_copy(update={"namespace": self.namespace,
                                                           "broker_url": self.broker_url}),
                           f"supervisor-{os.getpid()}")
         await session.open(fail_fast=False)
         self._session = session
-        try:
-            await session.connection.channel.declare_queue(session.names.supervisor_lock, exclusive=True,
-                                                           auto_delete=True)
-        except aiormq.exceptions.ChannelLockedResource:
-            raise NamespaceInUse(
-                f"namespace {self.namespace!r} already has a running `splitinfer up` (it holds the queue "
-                f"{session.names.supervisor_lock}); stop it first, or pick another namespace with --namespace"
-            ) from None
+        names = session.names
+        locks = [(names.supervisor_lock, f"namespace {self.namespace!r} already has a running control plane "
+                                         f"(`splitinfer up`)")] if self.config.control_plane else []
+        locks += [(names.server_lock(pid), f"server {pid!r} already runs in namespace {self.namespace!r}")
+                  for spec in self.config.servers for pid in spec.process_ids()]
+        for queue, who in locks:
+            try:
+                await session.connection.channel.declare_queue(queue, exclusive=True, auto_delete=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                raise NamespaceInUse(f"{who} (it holds the queue {queue}); stop it first, or pick another "
+                                     f"namespace with --namespace" + ("" if queue == names.supervisor_lock else
+                                                                      " or another server name")) from None
 
     async def run_until_stopped(self) -> None:
         """Wait for SIGINT/SIGTERM, then stop everything."""

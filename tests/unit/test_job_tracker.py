@@ -136,6 +136,19 @@ def test_retry_now_starts_a_new_attempt_whatever_the_budget_and_only_for_jobs_it
     assert t.retry_now("c1") is None and t.retry_now("nope") is None
 
 
+def test_after_an_outage_only_attempts_sent_before_the_loss_go_again():
+    """An attempt sent once the connection was back (its send rode out the outage) was not lost: re-sending it
+    would only answer the job twice."""
+    t = JobTracker()
+    before, after = job("early"), job("late")
+    t.admit(before, now=0.0)
+    t.admit(after, now=0.0)
+    before.attempt_sent, after.attempt_sent = 1.0, 5.0   # the connection was lost at 3.0, back at 4.0
+    again = t.retry_all_now(now=6.0, sent_before=3.0)
+    assert [j.job_id for j in again] == ["early"]
+    assert after.attempt == 0 and t.retry_now("late", now=6.0) is not None  # without a loss time: every one
+
+
 def test_forget_lets_an_answered_id_run_again():
     t = JobTracker()
     t.admit(job("j1"), now=0.0)

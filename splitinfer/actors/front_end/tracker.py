@@ -55,6 +55,7 @@ class PendingJob:
     attempt_timeout_s: float
     attempt: int = 0
     attempt_started: float = 0.0
+    attempt_sent: float = 0.0     # when the attempt's inputs were confirmed sent (None yet: 0)
     first_request_id: str | None = None  # set for a redelivered job (see redelivered_request_id)
     route: str = ""               # the deployment the inputs go to: `deployment`, or its chosen plan's
     plan: str | None = None       # the chosen plan's id, when `deployment` is a model with a plan table
@@ -144,11 +145,15 @@ class JobTracker:
         """An answered job whose answer is no longer kept: its id may run again as a new job."""
         self.answered.pop(job_id, None)
 
-    def retry_now(self, job_id: str, now: float | None = None) -> PendingJob | None:
+    def retry_now(self, job_id: str, now: float | None = None, sent_before: float | None = None
+                  ) -> PendingJob | None:
         """Start the job's next attempt now (its tensors were lost with the broker's transient messages), whatever
-        its retry budget: it is not a slow attempt. None if it is not pending or its sender re-sends it."""
+        its retry budget: it is not a slow attempt. None if it is not pending, its sender re-sends it, or its
+        attempt went out at or after `sent_before` (the connection's loss: sent on the new connection, not lost)."""
         job = self.pending.get(job_id)
         if job is None or not job.resend or job.outputs:
+            return None
+        if sent_before is not None and job.attempt_sent >= sent_before:
             return None
         return self._next_attempt(job, time.monotonic() if now is None else now)
 
@@ -159,8 +164,8 @@ class JobTracker:
         self.by_request[job.request_id] = job.job_id
         return job
 
-    def retry_all_now(self, now: float | None = None) -> list[PendingJob]:
-        return [j for j in (self.retry_now(jid, now) for jid in list(self.pending)) if j is not None]
+    def retry_all_now(self, now: float | None = None, sent_before: float | None = None) -> list[PendingJob]:
+        return [j for j in (self.retry_now(jid, now, sent_before) for jid in list(self.pending)) if j is not None]
 
     # -- data back from the parts
     def on_output(self, request_id: str, tensor: str, array: Any, hops: list | None, server: str | None,

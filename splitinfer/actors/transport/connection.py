@@ -74,6 +74,7 @@ class Connection:
         self.prefetch = prefetch
         self.policy = policy or QueuePolicy()
         self.reconnects = 0                    # how often the connection came back after it was lost
+        self.lost_at: float | None = None      # loop time of the last loss (what was sent before may be gone)
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self.robust: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
@@ -105,6 +106,10 @@ class Connection:
         self._qos = self.prefetch
         self.exchanges = await declare_core(self.channel, self.names, self.policy)
         self.robust.reconnect_callbacks.add(self._reconnected)
+        self.robust.close_callbacks.add(self._lost)
+
+    def _lost(self, *_args) -> None:
+        self.lost_at = asyncio.get_running_loop().time()
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` each time the connection comes back (channels, queues and consumers restored): what was in

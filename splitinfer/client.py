@@ -87,6 +87,11 @@ class ClientError(Exception):
     """Something the caller can fix: no servers, unknown part in a placement, pool refused the split..."""
 
 
+class NotDeployed(ClientError):
+    """No queue takes the deployment's inputs: it is not loaded (or, when its servers are alive, their queues are
+    being declared again after a broker node went down)."""
+
+
 class JobFailed(Exception):
     def __init__(self, error: ErrorResult):
         super().__init__(f"job {error.job_id}: {error.code}: {error.message}")
@@ -327,6 +332,15 @@ class Client:
                 try:
                     await self._send(job)
                     return
+                except NotDeployed as exc:
+                    if self.watch.hosted(job.route) is not True:
+                        raise
+                    # its servers are alive: their queues are coming back (a broker node lost them)
+                    wait = OUTAGE.delay(failures)
+                    if loop.time() + wait >= job.deadline:
+                        self.session.log.warning("job_not_sent", job_id=job.job_id, error=str(exc))
+                        return
+                    await asyncio.sleep(wait)
                 except ClientError:
                     raise
                 except Exception as exc:
@@ -345,7 +359,7 @@ class Client:
         self.watch.reheard()
         now = asyncio.get_running_loop().time()
         for job_id in [j for j in self.jobs.pending if j not in self._sending]:
-            job = self.jobs.retry_now(job_id, now)
+            job = self.jobs.retry_now(job_id, now, sent_before=self.session.connection.lost_at)
             if job is not None:
                 self.session.spawn(self._send_through_outage(job))
 
@@ -364,8 +378,9 @@ class Client:
                 await self.session.publisher.publish("tensors", self.names.tensor_key(job.route, name),
                                                      encode_frame(TENSORS, meta, {name: array}), headers=headers)
         except Unroutable:
-            raise ClientError(f"not_deployed: no server serves the inputs of {job.route} (load its parts first)") \
+            raise NotDeployed(f"not_deployed: no server serves the inputs of {job.route} (load its parts first)") \
                 from None
+        job.attempt_sent = asyncio.get_running_loop().time()
         # transient: after a broker restart this client sends the job (and its notice) again itself
         await self.session.publisher.publish("", self.names.inflight, encode_frame(NOTICE, meta, {}),
                                              headers=headers, mandatory=False, persistent=False)

@@ -272,7 +272,7 @@ def test_cli_infer_status_results_and_one_line_errors(cluster, deployed, referen
         (("deploy", str(small_split), "--replicas", "4"), "4 replicas per part need 4 live servers; 3 are live"),
         (("deploy", str(small_split), "--placement", "part0=phone,part1=edgebox,part2=gone"), "not live"),
         (("results", "--kind", "bogus"), "--kind"),
-        (("results", "--store", "postgresql://db/x"), "not supported"),
+        (("results", "--store", "mysql://db/x"), "not supported"),
         (("up", "--config", str(tmp_path / "missing.toml")), "not found"),
         (("up", "--config", str(tmp_path / "bad.toml")), "appears twice"),
         (("status", "--namespace", f"{cluster.ns}.empty"), "registry did not answer"),

@@ -67,6 +67,7 @@ from splitinfer.splitter.manifest import Manifest
 
 TICK_MAX_S = 0.25
 POOL_TIMEOUT_S = 5.0  # a job waits at most this long for the pool to say what its deployment takes
+UNROUTABLE_RETRY_S = 0.5  # a job whose live servers lost their queues (a broker node down) is sent again after this
 
 
 def answers_alone(manifest: Manifest) -> bool:
@@ -156,6 +157,7 @@ class FrontEnd(Actor):
             first_request_id=frame.request_id if frame.request_id != job_id else None, route=frame.deployment,
             plan=meta.get("plan"), error_to=meta.get("err", ""))
         early = self.tracker.admit(job, now, retries=False)
+        self.metrics.jobs.inc()
         if early is not None:
             await self._answer(early)
         elif not await self._served(frame.deployment):
@@ -235,6 +237,7 @@ class FrontEnd(Actor):
         pending.timings["(job)"] = [["job", self.id, max(0.0, received_wall - job.submitted_at), 0.0, 0.0, 0.0, 1,
                                      received_wall, "broker"]]
         early = self.tracker.admit(pending, now)
+        self.metrics.jobs.inc()
         if early is not None:
             await self._answer(early)
             return
@@ -310,6 +313,11 @@ class FrontEnd(Actor):
         else:
             await self.deliveries.ack(message)
 
+    async def _send_again_later(self, job: PendingJob, request_id: str) -> None:
+        await asyncio.sleep(UNROUTABLE_RETRY_S)
+        if self.tracker.pending.get(job.job_id) is job and job.request_id == request_id and not job.outputs:
+            await self._send_inputs(job)
+
     async def _send_inputs(self, job: PendingJob) -> None:
         """The job's inputs as one frame each to `<ns>.tensors`, under the attempt's request id."""
         rid = job.request_id
@@ -332,6 +340,12 @@ class FrontEnd(Actor):
             if not self.connection.is_open:  # the broker is away: sent again when the connection is back
                 self.log.warning("job_send_deferred", job_id=job.job_id, error=first_line(exc))
                 return
+            if isinstance(exc, Unroutable) and self.servers.hosted(to) is True and \
+                    job.deadline - asyncio.get_running_loop().time() > UNROUTABLE_RETRY_S:
+                # live servers host it: their queues are being declared again (a broker node went down)
+                self.log.warning("job_send_deferred", job_id=job.job_id, error=first_line(exc))
+                self.spawn(self._send_again_later(job, rid))
+                return
             if isinstance(exc, Unroutable):
                 code, reason = "not_deployed", f"no server serves an input of deployment {to} (load its parts first)"
             else:
@@ -340,6 +354,7 @@ class FrontEnd(Actor):
             if answer is not None:
                 await self._answer(answer)
         else:
+            job.attempt_sent = asyncio.get_running_loop().time()
             self.log("job_sent", job_id=job.job_id, request_id=rid, attempt=job.attempt, route=to)
 
     # ------------------------------------------------------------------ answers, errors, assembled outputs
@@ -438,6 +453,12 @@ class FrontEnd(Actor):
             self.stats["errors"] += 1
         else:
             self.stats["processed"] += 1
+        self.metrics.answers.labels(code=answer.code or "ok").inc()
+        if answer.code == "deadline_exceeded":
+            self.metrics.deadline_misses.inc()
+        if answer.kind != "error":
+            self.metrics.job_latency.observe(answer.latency_s)
+            self.metrics.plan_jobs.labels(deployment=job.deployment, plan=job.plan or job.route or "-").inc()
         if job.resend:
             self.admission.done(job.deployment, answer.latency_s if answer.kind != "error" else None, now)
         self.log("job_answered", job_id=job.job_id, kind=answer.kind, code=answer.code,
@@ -455,9 +476,10 @@ class FrontEnd(Actor):
         this front end sends itself goes out again now, not at its retry time (its deliveries come back too)."""
         self.servers.reheard()
         now = asyncio.get_running_loop().time()
-        jobs = self.tracker.retry_all_now(now)
+        jobs = self.tracker.retry_all_now(now, sent_before=self.connection.lost_at)
         if jobs:
             self.log.warning("jobs_resent_after_outage", jobs=len(jobs), reconnects=self.connection.reconnects)
+            self.metrics.retries.inc(len(jobs))
         for job in jobs:
             await self._send_inputs(job)
 
@@ -479,6 +501,7 @@ class FrontEnd(Actor):
                     if problem is None:
                         job.route, job.plan = to, plan_id
                 self.log.warning("job_retry", job_id=job.job_id, request_id=job.request_id, route=job.route)
+                self.metrics.retries.inc()
                 await self._send_inputs(job)
 
     # ------------------------------------------------------------------ manifests from the model pool

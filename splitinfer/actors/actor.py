@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from splitinfer.actors.observability import HealthServer, Metrics
 from splitinfer.actors.presence import Presence
 from splitinfer.actors.transport import Deliveries, Logger, Names, NoBroker, Session, first_line, header_str
 from splitinfer.actors.transport.retry import broker_lost
@@ -49,6 +50,11 @@ class Actor:
         self.spawn = self.session.spawn
         self.deliveries = Deliveries(self.log, self.spawn)
         self.presence = Presence(self)
+        self.metrics = Metrics(actor_id, self.kind, self.names.ns)
+        self.metrics.broker_connected.set_function(lambda: 1.0 if self.connection.is_open else 0.0)
+        self.metrics.heartbeat_age.set_function(self.presence.age)
+        self.health: HealthServer | None = None
+        self.started = False
         self.stats = {"processed": 0, "errors": 0}
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
@@ -69,9 +75,25 @@ class Actor:
         self._stop_event = asyncio.Event()
         await self.connection.open()
         self.connection.on_reconnect(self._reconnected)
+        if self.settings.metrics_port:
+            self.health = HealthServer(self.metrics, self.not_ready, self.settings.metrics_host,
+                                       self.settings.metrics_port)
+            self.health.start()
+            self.log("serving_metrics", url=f"http://{self.settings.metrics_host}:{self.health.port}/metrics")
         await self.setup()
         await self.presence.start()
+        self.started = True
         self.log("started", ns=self.names.ns, pid=os.getpid(), node=self.connection.node)
+
+    def not_ready(self) -> str | None:
+        """Why the actor cannot serve now (`/readyz`), or None. Called from the health server's threads."""
+        if self.stopping:
+            return "stopping"
+        if not self.started:
+            return "starting"
+        if not self.connection.is_open:
+            return "no broker connection"
+        return None
 
     async def _reconnected(self) -> None:
         self.log("reconnected", node=self.connection.node, reconnects=self.connection.reconnects)
@@ -110,6 +132,8 @@ class Actor:
         if self.connection.is_open:
             await self.presence.leave()
         await self.session.close()
+        if self.health is not None:
+            self.health.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped = True
         self.log("stopped", handed_back=handed_back, **self.stats)
@@ -169,6 +193,8 @@ class Actor:
         `<ns>.dead` with the reason."""
         job_id = job_id or err.job_id or header_str(message, "request_id")
         self.stats["errors"] += 1
+        if not answer:  # else publish_error counts it
+            self.metrics.errors.labels(code=err.code).inc()
         self.log.warning("dead_letter", code=err.code, reason=err.reason, job_id=job_id, queue=message.routing_key)
         if answer:
             await self.publish_error(job_id, err.code, err.reason, reply_to=header_str(message, "reply_to"),
@@ -196,6 +222,7 @@ class Actor:
         nobody could match it and the result store would keep an orphan row. A reply_to or job id that cannot be
         a routing key is skipped (its publish could never succeed). The answer's body once it is on the results
         exchange, else None."""
+        self.metrics.errors.labels(code=code).inc()
         body = encode(ErrorResult(job_id=job_id, deployment=deployment, code=code, message=message[:1000],
                                   where=self.id, plan=plan))
         key = next((k for k in (reply_to, job_id) if k and key_problem(k, "key") is None), None)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from typing import Awaitable, Protocol
 
 from splitinfer.actors.transport import Logger, Names, Publisher, first_line
@@ -41,6 +42,11 @@ class Present(Protocol):
 class Presence:
     def __init__(self, actor: Present):
         self.actor = actor
+        self.last_beat: float | None = None  # monotonic time of the last heartbeat that went out
+
+    def age(self) -> float:
+        """Seconds since the last heartbeat went out (NaN before the first)."""
+        return float("nan") if self.last_beat is None else time.monotonic() - self.last_beat
 
     def registration(self) -> Register:
         a = self.actor
@@ -62,6 +68,7 @@ class Presence:
                        state=await a.heartbeat_state(), interval_s=a.settings.heartbeat_interval_s)
         await a.publisher.publish("control", a.names.heartbeat_key(a.id), hb, mandatory=False,
                                   backoff=ONCE)
+        self.last_beat = time.monotonic()
 
     async def _loop(self) -> None:
         a = self.actor

@@ -63,6 +63,8 @@ def server(
     slowdown: float = typer.Option(1.0, "--slowdown", help="emulate a slower device: compute takes this many times "
                                                           "longer"),
     memory_mb: Optional[float] = typer.Option(None, "--memory-limit-mb", help="weights this server may hold"),
+    metrics_port: int = typer.Option(0, "--metrics-port", help="serve /metrics, /healthz, /readyz on this port "
+                                                               "(bound to SPLITINFER_METRICS_HOST, default 127.0.0.1)"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
 ):
     """Run one model server that joins a running cluster from this machine: it registers through the broker, fetches
@@ -72,7 +74,9 @@ def server(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise UserError(f"--{'-'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
-    supervise(ClusterConfig.server_only(spec), namespace, broker_url)
+    if not 0 <= metrics_port <= 65000:
+        raise UserError("--metrics-port must be between 0 and 65000")
+    supervise(ClusterConfig.server_only(spec, metrics_port=metrics_port), namespace, broker_url)
 
 
 def supervise(cfg: ClusterConfig, namespace: Optional[str], broker_url: Optional[str]) -> None:

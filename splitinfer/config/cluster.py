@@ -40,6 +40,7 @@ class ClusterConfig(BaseModel):
     front_end = true
     result_store = true
     front_end_site = "device"                     # the client's site (optional)
+    metrics_port = 9300                           # optional: /metrics, /healthz, /readyz on 9300, 9301, ...
     emulate_links = true                          # optional, default off (settings.emulate_links)
     [[servers]]
     id = "device"
@@ -57,6 +58,7 @@ class ClusterConfig(BaseModel):
     namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     broker_url: str | None = None
     private_broker: bool = False
+    metrics_port: int = Field(0, ge=0, le=65000, description="the first actor's /metrics port, the next +1, ...")
     private_broker_port: int = Field(5673, ge=1024, le=65000)
     front_end: bool = True
     result_store: bool = True

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     # One node, or every node of a cluster separated by commas: actors connect to the first that answers and fail
     # over to the others when theirs goes down.
     broker_url: str = "amqp://guest:guest@localhost:5672/"
+    # /metrics (Prometheus), /healthz and /readyz of an actor process on this port (0: none); `splitinfer up`
+    # gives each process its own, from cluster.toml's metrics_port up. The host to bind: 0.0.0.0 to be scraped
+    # from another machine.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     namespace: str = Field(default="splitinfer", pattern=r"^[A-Za-z0-9_.-]+$")
     cache_dir: Path = Path.home() / ".cache" / "splitinfer"
     # Each server process gets this many intra-op threads so several processes don't each claim every core.

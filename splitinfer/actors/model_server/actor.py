@@ -136,8 +136,19 @@ class ModelServer(Actor):
     def hosted_parts(self) -> list[PartRef]:
         return [p.ref for p in self.parts.values()]
 
+    def not_ready(self) -> str | None:
+        """Not ready while a part it is ordered to host (now, or before a restart) is not loaded yet."""
+        why = super().not_ready()
+        if why is not None:
+            return why
+        loaded = {key for key, hp in self.parts.items() if hp.active}
+        waiting = ({(r.deployment, r.part) for r in self.desired.load()} | set(self._loading)) - loaded
+        return f"loading {', '.join(f'{p} of {d}' for d, p in sorted(waiting))}" if waiting else None
+
     async def heartbeat_state(self) -> ServerState:
         state = await super().heartbeat_state()
+        for (deployment, part), hp in self.parts.items():
+            self.metrics.join_buffer.labels(deployment=deployment, part=part).set(len(hp.joins))
         depths: dict[str, int] = {}
         for p in self.parts.values():
             if p.queues:
@@ -145,6 +156,7 @@ class ModelServer(Actor):
                     async with self.connection.scratch_channel() as ch:
                         q = await ch.declare_queue(p.queues[p.replica].name, passive=True)
                         depths[q.name] = int(q.declaration_result.message_count or 0)
+                        self.metrics.queue_depth.labels(queue=q.name).set(depths[q.name])
         state = state.model_copy(update={"load": float(len(self.ready) + self._busy), "queue_depths": depths})
         return self.monitor.fill(state)
 
@@ -438,6 +450,8 @@ class ModelServer(Actor):
                 # in the event loop itself: a hand-off to a thread and back costs more than it saves (the loop has
                 # nothing to do meanwhile that cannot wait: what it published before is flushed first)
                 outs, compute_s = run_batch(hp.compiled, [it.arrays for it in batch], self._max_batch_bytes)
+                self.metrics.part_compute.labels(deployment=hp.deployment, part=hp.name).observe(compute_s)
+                self.metrics.part_batch.labels(deployment=hp.deployment, part=hp.name).observe(len(batch))
                 extra = hp.slowdown.extra_s(len(batch), compute_s)
                 if extra > 0:  # a slower device: the worker (this server's only compute) stays busy
                     await asyncio.sleep(extra)
@@ -484,6 +498,9 @@ class ModelServer(Actor):
             self.log.warning("expired", part=hp.name, request_id=it.request_id, after="compute")
             self._ack_when_confirmed(it, confirms, count=False)
             return
+        self.metrics.part_requests.labels(deployment=hp.deployment, part=hp.name).inc()
+        self.metrics.part_latency.labels(deployment=hp.deployment, part=hp.name).observe(
+            max(0.0, now_wall - it.received))
         hops = [*it.hops, [hp.name, self.id, it.transfer_s, it.join_wait_s, max(0.0, started - it.received),
                            compute_s, batch, now_wall, it.via]]
         meta = {k: v for k, v in it.meta.items() if k in CARRIED}

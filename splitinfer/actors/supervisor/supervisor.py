@@ -145,8 +145,9 @@ class Supervisor:
             "SPLITINFER_QUEUE_TYPE": self.settings.queue_type,  # every actor of a namespace declares queues alike
             "PYTHONUNBUFFERED": "1",
         }
-        for name, argv in plan_actors(self.config):
-            actor = ActorProcess(name, argv, env, self.run_dir / "logs" / f"{name.replace(':', '-')}.log")
+        for k, (name, argv) in enumerate(plan_actors(self.config)):
+            own = {"SPLITINFER_METRICS_PORT": str(self.config.metrics_port + k)} if self.config.metrics_port else {}
+            actor = ActorProcess(name, argv, {**env, **own}, self.run_dir / "logs" / f"{name.replace(':', '-')}.log")
             self.actors[name] = actor
             await self._spawn(actor)
             self._watchers.append(asyncio.create_task(self._watch(actor), name=f"watch {name}"))

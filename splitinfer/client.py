@@ -135,6 +135,7 @@ class Client:
         self.watch = ServerWatch(self.settings.liveness_timeout_s)
         self._front: str | None = None  # the front end that tracks our jobs
         self._site = ""                  # the client's site: the front end's
+        self._front_clock_offset_s: float | None = None  # the front end's wall clock minus ours
         # overload: at most this many jobs in the cluster at once (more wait their turn, within their deadline),
         # and a job that cannot finish in time by what recent jobs took is answered at once, not sent
         self._slots = asyncio.Semaphore(self.settings.client_max_inflight)
@@ -228,6 +229,10 @@ class Client:
             self.watch.heartbeat(msg.actor_id, msg.state, parts=msg.parts)
             if msg.kind == "front_end" and self._front is None:
                 self._front, self._site = msg.actor_id, msg.site
+            if msg.kind == "front_end" and msg.actor_id == self._front:
+                # its clock against ours (to a heartbeat's trip through the broker): a job on the jobs queue is
+                # stamped in the front end's time, so a wrong clock here can neither expire nor extend it
+                self._front_clock_offset_s = msg.sent_at - time.time()
         elif isinstance(msg, Deregister):
             self.watch.deregister(msg.actor_id)
         elif msg.name in self._tables:
@@ -434,6 +439,8 @@ class Client:
         if isinstance(job, InferenceJob) and job.deployment in self._manifests:
             dtypes = {t.name: t.dtype for t in self._manifests[job.deployment].outputs}
         waiter = self._waiters[jid] = _Waiter(loop.create_future(), dtypes, loop.time())
+        if isinstance(job, InferenceJob) and self._front_clock_offset_s is not None:
+            job = job.model_copy(update={"submitted_at": job.submitted_at + self._front_clock_offset_s})
         try:
             await self.session.publisher.publish("", self.names.jobs, job,
                                                  headers={"request_id": jid, "reply_to": self.id})

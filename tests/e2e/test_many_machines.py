@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 from splitinfer.client import Client, ClientError
-from splitinfer.messages import ResultMessage
+from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage
 from splitinfer.splitter.manifest import Manifest
 from tests.support.actors import dag_reference
 from tests.support.broker import BROKER, requires_broker
@@ -37,15 +38,26 @@ TOL = 1e-5
 CONTROL_PLANE = "front_end = true\n"  # no [[servers]]: they join from their own machines
 
 
+SKEWED_CLOCK = """import time as _t
+_real = _t.time
+_t.time = lambda: _real() + {offset!r}   # this "machine's" wall clock is off; its monotonic clock is not
+"""
+
+
 @contextlib.contextmanager
-def remote_server(root: Path, ns: str, name: str, site: str):
+def remote_server(root: Path, ns: str, name: str, site: str, clock_offset_s: float = 0.0):
     """`splitinfer server` as on a machine of its own: a fresh HOME and working directory, the broker URL and the
-    namespace's settings (the test's namespaces expire: a server declaring its queues otherwise is refused)."""
+    namespace's settings (the test's namespaces expire: a server declaring its queues otherwise is refused);
+    `clock_offset_s`: its wall clock that far off (a sitecustomize module shifts time.time)."""
     home = root / name
     home.mkdir(parents=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "SPLITINFER_BROKER_URL": BROKER,
            "SPLITINFER_NAMESPACE": ns, "SPLITINFER_HEARTBEAT_INTERVAL_S": "0.5",
            "SPLITINFER_LIVENESS_TIMEOUT_S": "3", "SPLITINFER_QUEUE_EXPIRES_S": "600"}
+    if clock_offset_s:
+        (home / "skew").mkdir()
+        (home / "skew" / "sitecustomize.py").write_text(SKEWED_CLOCK.format(offset=clock_offset_s))
+        env["PYTHONPATH"] = str(home / "skew")
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "splitinfer.cli", "server", "--name", name, "--site", site],
                             env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -136,3 +148,53 @@ def test_servers_join_from_their_own_machines_and_rejoin_after_a_crash(tmp_path,
             assert sorted(r["kind"] for r in rows) == ["result"] * 3, rows
             assert {r["deployment"] for r in rows} == {dep.deployment}
         assert e1.returncode == 0 and c1.returncode == 0, (e1_home / "server.log").read_text()[-2000:]
+
+
+def test_clocks_that_disagree_neither_expire_nor_extend_a_job(tmp_path, run_prefix, dag_split, results_db,
+                                                              monkeypatch):
+    """Servers whose wall clocks are an hour ahead and an hour behind, and a client an hour behind the front end:
+    jobs on both paths (straight to the parts, and through the jobs queue) are answered, each hop's transfer time
+    stays within the job's budget, and a job that cannot finish is still answered deadline_exceeded."""
+    import time as time_mod
+
+    m = Manifest.load(dag_split)
+    inp, out = m.inputs[0].name, m.output_names[0]
+    xs, ref = dag_reference(dag_split, 2, seed=33)
+    env = {"SPLITINFER_HEARTBEAT_INTERVAL_S": "0.5", "SPLITINFER_LIVENESS_TIMEOUT_S": "3"}
+    with up_cluster(tmp_path / "control", run_prefix, CONTROL_PLANE, tag="skew", store_url=results_db, **env) as cp, \
+            remote_server(tmp_path / "machines", cp.ns, "ahead", "edge", clock_offset_s=3600.0), \
+            remote_server(tmp_path / "machines", cp.ns, "behind", "cloud", clock_offset_s=-3600.0):
+        async def deploy():
+            async with Client(cp.settings) as c:
+                async def joined() -> bool:
+                    try:
+                        return {a.actor_id for a in await c.servers()} == {"ahead", "behind"}
+                    except ClientError:
+                        return False
+
+                await eventually(joined, timeout=180, interval=0.3, message="both servers registered")
+                return await c.deploy(dag_split, min_servers=2, timeout=300)
+
+        dep = asyncio.run(deploy())
+        real = time_mod.time
+        monkeypatch.setattr(time_mod, "time", lambda: real() - 3600.0)  # this client's clock: an hour behind
+
+        async def infer():
+            async with Client(cp.settings) as c:
+                await eventually(lambda: c._front_clock_offset_s is not None, timeout=30, interval=0.1,
+                                 message="the client heard the front end's heartbeat")
+                direct = await c.infer(dep.deployment, xs[:1], deadline_s=30)
+                queued = await c.wait(await c.submit_job(InferenceJob(
+                    job_id=f"skew-{uuid.uuid4().hex[:6]}", deployment=dep.deployment, inputs={inp: xs[1:]},
+                    deadline_s=30, submitted_at=time_mod.time())), timeout=60)  # stamped by this clock
+                hopeless = await c.wait(await c.submit_job(InferenceJob(
+                    job_id=f"late-{uuid.uuid4().hex[:6]}", deployment=dep.deployment, inputs={inp: xs[1:]},
+                    deadline_s=0.001, submitted_at=time_mod.time())), timeout=60)
+                return direct, queued, hopeless
+
+        direct, queued, hopeless = asyncio.run(infer())
+    for k, a in enumerate((direct, queued)):
+        assert isinstance(a, ResultMessage), a
+        assert float(np.max(np.abs(a.outputs[out] - ref[k:k + 1]))) <= TOL
+        assert all(0.0 <= h.transfer_s <= 30.0 for h in a.hops), a.hops
+    assert isinstance(hopeless, ErrorResult) and hopeless.code == "deadline_exceeded", hopeless

@@ -363,7 +363,11 @@ class ModelServer(Actor):
             self.log.warning("expired", part=hp.name, request_id=rid)
             await self.deliveries.ack(message)
             return
+        # the sender's clock against ours: only meaningful where clocks agree (NTP); never more than the time the
+        # job had left when it was sent (a sender whose clock is behind would otherwise report hours)
         transfer = max(0.0, received - meta["sent"]) if "sent" in meta else 0.0
+        if budget is not None:
+            transfer = min(transfer, budget)
         if len(frame.arrays) == len(hp.inputs):  # everything this part takes came in one frame
             self._enqueue(WorkItem(hp, rid, dict(frame.arrays), meta, list(frame.hops), [message], received,
                                    transfer_s=transfer, deadline=deadline, ready_at=now))

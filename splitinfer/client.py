@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -46,7 +47,15 @@ from splitinfer.actors.model_server.client import ServerOrders, failures
 from splitinfer.actors.optimizer.client import OptimizerClient
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.state_pool.client import StatePoolClient
-from splitinfer.actors.transport import Names, RemoteError, Session, Unroutable, connect_once
+from splitinfer.actors.transport import (
+    Forbidden,
+    Names,
+    RemoteError,
+    Session,
+    Unroutable,
+    broker_urls,
+    connect_once,
+)
 from splitinfer.actors.transport import dead_letters as dlq
 from splitinfer.actors.transport.connection import connect_failover
 from splitinfer.actors.transport.dead_letters import DeadLetter
@@ -83,6 +92,12 @@ LISTING_TIMEOUT_S = 10.0
 SEEN_ANSWERS = 10_000   # subscribe_results remembers this many job ids to drop a repeated answer
 
 
+def client_prefix(broker_url: str) -> str:
+    """The broker user of the URL (its first node's) when it can start a routing key as it is, else "client"."""
+    user = urlsplit(broker_urls(broker_url)[0]).username or ""
+    return user if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", user) else "client"
+
+
 class ClientError(Exception):
     """Something the caller can fix: no servers, unknown part in a placement, pool refused the split..."""
 
@@ -117,8 +132,9 @@ class Deployment:
 
 class Client:
     def __init__(self, settings: Settings | None = None, client_id: str | None = None):
-        self.id = client_id or f"client-{uuid.uuid4().hex[:10]}"
+        # prefixed by the broker user: a client user (`splitinfer broker-users`) may read only answers keyed so
         self.settings = settings or get_settings()
+        self.id = client_id or f"{client_prefix(self.settings.broker_url)}-{uuid.uuid4().hex[:10]}"
         self.session = Session(self.settings, f"client:{self.id}")
         self.names = self.session.names
         rpc = self.session.rpc
@@ -248,7 +264,7 @@ class Client:
             return await coro
         except (asyncio.TimeoutError, Unroutable):
             raise ClientError(f"the {what} did not answer: is the cluster up (`splitinfer up`)?") from None
-        except (RemoteError, PoolError) as exc:
+        except (RemoteError, PoolError, Forbidden) as exc:
             raise ClientError(str(exc)) from None
 
     # ------------------------------------------------------------------ inference
@@ -387,7 +403,7 @@ class Client:
                 from None
         job.attempt_sent = asyncio.get_running_loop().time()
         # transient: after a broker restart this client sends the job (and its notice) again itself
-        await self.session.publisher.publish("", self.names.inflight, encode_frame(NOTICE, meta, {}),
+        await self.session.publisher.publish("submit", self.names.inflight, encode_frame(NOTICE, meta, {}),
                                              headers=headers, mandatory=False, persistent=False)
 
     async def _tick(self) -> None:
@@ -442,7 +458,7 @@ class Client:
         if isinstance(job, InferenceJob) and self._front_clock_offset_s is not None:
             job = job.model_copy(update={"submitted_at": job.submitted_at + self._front_clock_offset_s})
         try:
-            await self.session.publisher.publish("", self.names.jobs, job,
+            await self.session.publisher.publish("submit", self.names.jobs, job,
                                                  headers={"request_id": jid, "reply_to": self.id})
         except BaseException:
             self._waiters.pop(jid, None)
@@ -531,7 +547,7 @@ class Client:
                 raise ClientError(f"{origin} is not a .keras file (or use keras.applications:NAME)")
             try:
                 origin = await self.pool.upload_source(path)
-            except (PoolError, asyncio.TimeoutError) as exc:
+            except (PoolError, Forbidden, asyncio.TimeoutError) as exc:
                 raise ClientError(f"could not upload {path} to the model pool: {exc}") from None
         if name is None:
             base = re.sub(r"[^A-Za-z0-9_-]", "-", Path(origin.split(":")[-1]).stem.lower())[:40].strip("-")
@@ -560,7 +576,7 @@ class Client:
             raise ClientError("no optimizer is running (start the cluster with `splitinfer up`)") from None
         except asyncio.TimeoutError:
             raise ClientError(f"the optimizer did not answer within {timeout:.0f}s") from None
-        except RemoteError as exc:
+        except (RemoteError, Forbidden) as exc:
             raise ClientError(f"{what} failed: {exc}") from None
 
     async def wait_for_servers(self, n: int, timeout: float = 60.0) -> list[ActorInfo]:
@@ -600,7 +616,7 @@ class Client:
         plan = self._placement(manifest, placement, replicas, [s.actor_id for s in live])
         try:
             dep = await self.pool.upload_split(Path(split_dir), deployment)
-        except PoolError as exc:
+        except (PoolError, Forbidden) as exc:
             raise ClientError(str(exc)) from None
         except asyncio.TimeoutError:
             raise ClientError("the model pool did not answer the upload: is the cluster up?") from None
@@ -723,7 +739,8 @@ async def publish_job(job: InferenceJob | bytes, settings: Settings | None = Non
         conn = await connect_once(settings.broker_url)
         channel = await conn.channel(publisher_confirms=True)
     try:
-        await channel.default_exchange.publish(
+        submit = await channel.get_exchange(names.submit)
+        await submit.publish(
             aio_pika.Message(bytes(body), headers={"request_id": jid, "reply_to": reply},
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=names.jobs, mandatory=True)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from splitinfer.actors.supervisor.broker import BrokerError
-from splitinfer.actors.transport import NoBroker
+from splitinfer.actors.transport import Forbidden, NoBroker
 from splitinfer.client import ClientError, JobFailed
 from splitinfer.config import ConfigError, Settings, get_settings
 from splitinfer.planner import PlanError, parse_duration
@@ -56,7 +56,7 @@ class UserError(Exception):
 
 
 # the project's errors for inputs a user can fix
-EXPECTED_ERRORS = (UserError, SplitError, PlanError, ConfigError, BrokerError, NoBroker)
+EXPECTED_ERRORS = (UserError, SplitError, PlanError, ConfigError, BrokerError, NoBroker, Forbidden)
 
 
 def fail(message: str, code: int = 1) -> None:

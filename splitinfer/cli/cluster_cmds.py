@@ -103,6 +103,62 @@ def supervise(cfg: ClusterConfig, namespace: Optional[str], broker_url: Optional
     asyncio.run(run())
 
 
+@app.command("broker-users")
+@user_errors
+def broker_users(
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="user names <prefix>-control, -server, -client "
+                                                                "(default: the namespace, dots as dashes)"),
+    roles: str = typer.Option("control,server,client", "--roles", help="which of control, server, client"),
+    node: Optional[str] = typer.Option(None, "--node", help="the RabbitMQ node rabbitmqctl talks to"),
+    delete: bool = typer.Option(False, "--delete", help="delete these users instead"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
+    broker_url: Optional[str] = typer.Option(None, "--broker-url", help="the URL the printed ones are built on"),
+    as_json: bool = typer.Option(False, "--json", help="{role: {user, url}} as one JSON object"),
+):
+    """Create one broker user per role for a namespace, with RabbitMQ permissions that fit it (run on the broker
+    host: it uses rabbitmqctl); prints each role's broker URL, with its fresh password, once."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    from splitinfer.actors.supervisor import users as broker_users_mod
+    from splitinfer.actors.transport import broker_urls
+
+    settings = cluster_settings(namespace, broker_url)
+    chosen = tuple(r.strip() for r in roles.split(",") if r.strip())
+    unknown = [r for r in chosen if r not in broker_users_mod.ROLES]
+    if unknown or not chosen:
+        raise UserError(f"--roles: {', '.join(unknown) or 'none given'}; choose from "
+                        f"{', '.join(broker_users_mod.ROLES)}")
+    prefix = prefix or settings.namespace.replace(".", "-")
+    try:
+        if delete:
+            gone = broker_users_mod.delete_users(prefix, chosen, node)
+            console.print(f"deleted {len(gone)} broker user(s): {', '.join(gone) or '-'}")
+            return
+        made = broker_users_mod.create_users(settings.namespace, prefix, chosen, node=node)
+    except BrokerError as exc:
+        raise UserError(str(exc)) from None
+
+    def url_for(user: str, password: str) -> str:
+        out = []
+        for u in broker_urls(settings.broker_url):
+            p = urlsplit(u)
+            host = f"{p.hostname or 'localhost'}{f':{p.port}' if p.port else ''}"
+            out.append(urlunsplit((p.scheme, f"{quote(user)}:{quote(password, safe='')}@{host}", p.path or "/",
+                                   p.query, "")))
+        return ",".join(out)
+
+    urls = {role: {"user": user, "url": url_for(user, password)} for role, (user, password) in made.items()}
+    if as_json:
+        print(json.dumps(urls))
+        return
+    table = Table(title=f"broker users of namespace {settings.namespace} (passwords shown once)")
+    for col in ("role", "user", "SPLITINFER_BROKER_URL"):
+        table.add_column(col, no_wrap=True)
+    for role, v in urls.items():
+        table.add_row(role, v["user"], v["url"])
+    console.print(table)
+
+
 @app.command()
 @user_errors
 def status(

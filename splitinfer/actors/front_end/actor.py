@@ -116,6 +116,7 @@ class FrontEnd(Actor):
         await answers.bind(results, routing_key="#")
         await self.consume(answers, self.on_answer)
         inflight = await declare_kept_queue(self.channel, self.names, self.names.inflight, self.connection.policy)
+        await inflight.bind(self.exchanges["submit"], routing_key=self.names.inflight)
         await self.consume(inflight, self.on_notice, prefetch=self.settings.max_inflight_jobs)
         jobs = await declare_kept_queue(self.channel, self.names, self.names.jobs, self.connection.policy)
         await self.consume(jobs, self.on_job, prefetch=self.settings.max_inflight_jobs)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
+import aiormq.exceptions
 
 from splitinfer.actors import transport
 from splitinfer.actors.transport import masked
@@ -36,10 +37,11 @@ def broker_answers(url: str, timeout: float = 3.0) -> bool:
     return _run_coro(transport.broker_answers(url, timeout))
 
 
-def has_hash_exchange(url: str) -> bool:
-    """True if the broker knows the x-consistent-hash exchange type (plugin enabled)."""
+def has_hash_exchange(url: str) -> bool | None:
+    """True if the broker knows the x-consistent-hash exchange type (plugin enabled); None if this broker user may
+    not declare exchanges to find out (a server's or a client's: the control plane's user checked)."""
 
-    async def probe() -> bool:
+    async def probe() -> bool | None:
         conn = await transport.connect_once(url, timeout=5)
         try:
             ch = await conn.channel()
@@ -47,6 +49,8 @@ def has_hash_exchange(url: str) -> bool:
             try:
                 ex = await ch.declare_exchange(name, "x-consistent-hash", auto_delete=True,
                                                arguments={"hash-header": "request_id"})
+            except aiormq.exceptions.ChannelAccessRefused:
+                return None
             except Exception:
                 return False
             await ex.delete()
@@ -113,6 +117,7 @@ class PrivateBroker:
     proc: subprocess.Popen | None = None
     dist_port: int = 0  # Erlang distribution port (rabbitmqctl talks to the node on it); chosen free at start
     cookie: str | None = None  # the Erlang cookie; nodes of one cluster share it (None: a random one of its own)
+    extra_conf: str = ""       # rabbitmq.conf lines of its own after the project's (a TLS listener, say)
 
     def _pick_dist_port(self) -> int:
         """RabbitMQ's default, port + 20000, is invalid above 45535: take it when valid and free, else any free port."""
@@ -160,7 +165,7 @@ class PrivateBroker:
         d = self.data_dir
         for sub in ("mnesia", "log"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(RABBITMQ_CONF, d / "rabbitmq.conf")
+        (d / "rabbitmq.conf").write_text(RABBITMQ_CONF.read_text() + ("\n" + self.extra_conf if self.extra_conf else ""))
         (d / "enabled_plugins").write_text(f"[{HASH_PLUGIN}].\n")
         (d / "rabbitmq-env.conf").write_text("")
         cookie = d / ".erlang.cookie"
@@ -269,13 +274,13 @@ def ensure_broker(url: str, private_port: int, data_dir: Path, say: Callable[[st
     """The URL of a broker that answers and has the consistent-hash exchange, and the private broker if we started
     one (the caller stops it)."""
     if broker_answers(url):
-        if not has_hash_exchange(url):
+        if has_hash_exchange(url) is False:
             if not _is_local(url):
                 raise BrokerError(f"the broker at {masked(url)} lacks the x-consistent-hash exchange; "
                                    f"enable it there: rabbitmq-plugins enable {HASH_PLUGIN}")
             say(f"enabling {HASH_PLUGIN} on the local broker")
             enable_hash_plugin_on_local_broker()
-            if not has_hash_exchange(url):
+            if has_hash_exchange(url) is False:
                 raise BrokerError(f"{HASH_PLUGIN} still unavailable at {masked(url)} after enabling it")
         return url, None
     if not allow_private:

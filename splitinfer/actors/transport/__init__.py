@@ -16,13 +16,13 @@ from splitinfer.actors.transport.deliveries import Deliveries, header_str
 from splitinfer.actors.transport.log import Logger, first_line
 from splitinfer.actors.transport.nodes import NoBroker, broker_answers, broker_urls, connect_once, masked
 from splitinfer.actors.transport.publisher import Publisher
-from splitinfer.actors.transport.retry import Backoff, Unroutable, classify
+from splitinfer.actors.transport.retry import Backoff, Forbidden, Unroutable, classify
 from splitinfer.actors.transport.rpc import RemoteError, RpcClient, Stopped
 from splitinfer.actors.transport.session import Session
 from splitinfer.actors.transport.topology import Names, escape_key, unescape_key
 
 __all__ = [
-    "Backoff", "Connection", "Deliveries", "Logger", "Names", "NoBroker", "Publisher", "RemoteError", "RpcClient",
+    "Backoff", "Connection", "Deliveries", "Forbidden", "Logger", "Names", "NoBroker", "Publisher", "RemoteError", "RpcClient",
     "Session", "Stopped", "Unroutable", "broker_answers", "broker_urls", "classify", "connect_once", "escape_key", "first_line", "header_str", "masked",
     "unescape_key",
 ]

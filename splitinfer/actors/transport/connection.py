@@ -13,12 +13,13 @@ import logging
 from typing import AsyncIterator, Awaitable, Callable
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from yarl import URL
 
 from splitinfer.actors.transport.nodes import NoBroker, broker_answers, broker_urls, masked
 from splitinfer.actors.transport.retry import CONNECT, ONCE, RECONNECT_INTERVAL_S, Backoff
-from splitinfer.actors.transport.topology import Names, QueuePolicy, declare_core
+from splitinfer.actors.transport.topology import Names, QueuePolicy, declare_core, find_core
 
 
 class FailoverConnection(aio_pika.RobustConnection):
@@ -104,12 +105,31 @@ class Connection:
         self.channel = await self.robust.channel(publisher_confirms=True, on_return_raises=True)
         await self.channel.set_qos(prefetch_count=self.prefetch)
         self._qos = self.prefetch
-        self.exchanges = await declare_core(self.channel, self.names, self.policy)
+        self.exchanges = await self._core()
         self.robust.reconnect_callbacks.add(self._reconnected)
         self.robust.close_callbacks.add(self._lost)
 
     def _lost(self, *_args) -> None:
         self.lost_at = asyncio.get_running_loop().time()
+
+    async def _core(self) -> dict[str, AbstractExchange]:
+        """Declare the namespace's exchanges and core queues; a broker user not allowed to (a client's, a server's:
+        `splitinfer broker-users`) finds them instead, and is told in one line if the namespace is not set up."""
+        async with self.scratch_channel() as probe:
+            try:
+                await declare_core(probe, self.names, self.policy)
+                allowed = True
+            except aiormq.exceptions.ChannelAccessRefused:
+                allowed = False
+        if allowed:
+            return await declare_core(self.channel, self.names, self.policy)
+        try:
+            async with self.scratch_channel() as probe:
+                await find_core(probe, self.names)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise NoBroker(f"namespace {self.names.ns!r} is not set up on {masked(self.url)} (its exchanges are "
+                           f"missing; this broker user may not create them): start its control plane first") from None
+        return await find_core(self.channel, self.names)
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` each time the connection comes back (channels, queues and consumers restored): what was in

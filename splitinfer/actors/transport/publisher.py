@@ -14,8 +14,8 @@ from typing import Awaitable, Callable
 import aio_pika
 
 from splitinfer.actors.transport.connection import Connection
-from splitinfer.actors.transport.log import Logger
-from splitinfer.actors.transport.retry import PUBLISH, Backoff, Unroutable, classify
+from splitinfer.actors.transport.log import Logger, first_line
+from splitinfer.actors.transport.retry import PUBLISH, Backoff, Forbidden, Unroutable, classify
 from splitinfer.messages import Message, encode
 
 
@@ -50,8 +50,11 @@ class Publisher:
                 return
             except Exception as exc:
                 kind = classify(exc)
-                delay = next(delays, None) if kind != "fatal" and not self.closed else None
+                delay = next(delays, None) if kind not in ("fatal", "forbidden") and not self.closed else None
                 if delay is None:
+                    if kind == "forbidden":
+                        raise Forbidden(f"the broker refused this user a publish to {exchange or 'the default exchange'} "
+                                        f"with key {routing_key!r}: {first_line(exc)}") from None
                     if kind == "unroutable":
                         raise Unroutable(f"no queue takes {routing_key!r} on {exchange or 'the default exchange'}") \
                             from None

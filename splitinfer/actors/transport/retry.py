@@ -67,6 +67,10 @@ DEADLINE_GRACE_S = 0.5
 CLIENT_DEADLINE_SLACK_S = 1.0
 
 
+class Forbidden(PermissionError):
+    """The broker refused this user the operation (its permissions: `splitinfer broker-users`); never retried."""
+
+
 class Unroutable(Exception):
     """The broker returned a mandatory message: no queue is bound to its routing key (AMQP 312 NO_ROUTE)."""
 
@@ -92,9 +96,11 @@ def broker_lost(exc: BaseException) -> bool:
 
 
 def classify(exc: BaseException) -> str:
-    """'unroutable', 'transient' or 'fatal' (a bug or a bad argument: retrying cannot help)."""
+    """'unroutable', 'forbidden', 'transient' or 'fatal' (a bug or a bad argument: retrying cannot help)."""
     if is_unroutable(exc):
         return "unroutable"
+    if isinstance(exc, (Forbidden, aiormq.exceptions.ChannelAccessRefused)):
+        return "forbidden"
     if isinstance(exc, TRANSIENT):
         return "transient"
     return "fatal"

@@ -88,6 +88,12 @@ class Names:
         return f"{self.ns}.jobs"
 
     @property
+    def submit(self) -> str:
+        """Where submitters put jobs and job notices (direct, keys: the queue names): a client needs no write
+        permission on the default exchange, which reaches every queue by name."""
+        return f"{self.ns}.submit"
+
+    @property
     def control(self) -> str:
         return f"{self.ns}.control"
 
@@ -285,11 +291,22 @@ async def declare_core(channel: AbstractChannel, names: Names, policy: QueuePoli
         "results": await channel.declare_exchange(names.results, aio_pika.ExchangeType.TOPIC, durable=True),
         "control": await channel.declare_exchange(names.control, aio_pika.ExchangeType.TOPIC, durable=True),
         "dead": await channel.declare_exchange(names.dead, aio_pika.ExchangeType.FANOUT, durable=True),
+        "submit": await channel.declare_exchange(names.submit, aio_pika.ExchangeType.DIRECT, durable=True),
     }
     dlq = await declare_kept_queue(channel, names, names.dead, policy, policy.dead_arguments(names))
     await dlq.bind(ex["dead"], routing_key="")
-    await declare_kept_queue(channel, names, names.jobs, policy)
+    jobs = await declare_kept_queue(channel, names, names.jobs, policy)
+    await jobs.bind(ex["submit"], routing_key=names.jobs)
     return ex
+
+
+CORE_EXCHANGES = ("tensors", "results", "control", "dead", "submit")
+
+
+async def find_core(channel: AbstractChannel, names: Names) -> dict[str, AbstractExchange]:
+    """The namespace's exchanges, declared passively: for a user allowed to use them but not to declare them (a
+    client's or a server's broker user); NOT_FOUND when the namespace has not been set up."""
+    return {short: await channel.get_exchange(getattr(names, short), ensure=True) for short in CORE_EXCHANGES}
 
 
 async def declare_part(channel: AbstractChannel, names: Names, deployment: str, part: str,
@@ -354,7 +371,7 @@ def known_names(names: Names) -> dict[str, list[str]]:
     """The names a namespace always has (when no listing of the broker is at hand): core and control plane."""
     return {"queues": [names.jobs, names.inflight, names.dead, names.registry_queue, names.pool_queue,
                        names.optimizer_queue, names.state_pool_queue, names.result_store_queue],
-            "exchanges": [names.tensors, names.results, names.control, names.dead]}
+            "exchanges": [names.tensors, names.results, names.control, names.dead, names.submit]}
 
 
 async def delete_namespace(broker_url: str, prefix: str, *, keep_nonempty: bool = False

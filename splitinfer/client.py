@@ -60,7 +60,7 @@ from splitinfer.actors.transport import dead_letters as dlq
 from splitinfer.actors.transport.connection import connect_failover
 from splitinfer.actors.transport.dead_letters import DeadLetter
 from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S, OUTAGE
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, key_problem
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, holds_lock, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     ActorInfo,
@@ -700,14 +700,8 @@ class Client:
 
     async def supervised(self) -> bool:
         """Whether a `splitinfer up` runs this namespace (its supervisor holds the namespace's lock queue)."""
-        try:
-            async with self.session.connection.scratch_channel() as ch:
-                await ch.declare_queue(self.names.supervisor_lock, passive=True)
-            return True
-        except aiormq.exceptions.ChannelLockedResource:
-            return True
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
+        async with self.session.connection.scratch_channel() as ch:
+            return await holds_lock(ch, self.names.supervisor_lock)
 
     async def queue_depths(self, queues: list[str]) -> dict[str, int | None]:
         """Messages ready in each named queue (None: no such queue)."""

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from splitinfer.actors.supervisor import BrokerError, Supervisor
-from splitinfer.actors.transport.topology import delete_namespace
+from splitinfer.actors.transport.topology import control_plane_runs, delete_namespace
 from splitinfer.cli.app import (
     BROKER_HELP,
     NS_HELP,
@@ -288,9 +288,8 @@ def down(
     settings = cluster_settings(namespace, broker_url)
 
     async def run():
-        async with Client(settings) as c:
-            if await c.supervised():
-                raise UserError(f"`splitinfer up` still runs namespace {settings.namespace!r}: stop it first")
+        if await control_plane_runs(settings.broker_url, settings.namespace):
+            raise UserError(f"`splitinfer up` still runs namespace {settings.namespace!r}: stop it first")
         return await delete_namespace(settings.broker_url, settings.namespace, keep_nonempty=not purge)
 
     deleted, kept = client_errors(run())

@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
+from splitinfer.actors.transport import Names
 from splitinfer.client import Client, ClientError
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage
 from splitinfer.splitter.manifest import Manifest
@@ -72,6 +73,26 @@ def remote_server(root: Path, ns: str, name: str, site: str, clock_offset_s: flo
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _exists(queue: str, exchange: str) -> tuple[bool, bool]:
+    """Whether a queue and an exchange exist on the broker (passive declares, each on a channel of its own)."""
+    import aio_pika
+
+    async def check() -> tuple[bool, bool]:
+        conn = await aio_pika.connect(BROKER)
+        async with conn:
+            out = []
+            for declare in (lambda ch: ch.declare_queue(queue, passive=True),
+                            lambda ch: ch.declare_exchange(exchange, passive=True)):
+                try:
+                    await declare(await conn.channel())
+                    out.append(True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    out.append(False)
+            return out[0], out[1]
+
+    return asyncio.run(check())
 
 
 def _server_process(supervisor: subprocess.Popen) -> psutil.Process:
@@ -148,6 +169,16 @@ def test_servers_join_from_their_own_machines_and_rejoin_after_a_crash(tmp_path,
             assert sorted(r["kind"] for r in rows) == ["result"] * 3, rows
             assert {r["deployment"] for r in rows} == {dep.deployment}
         assert e1.returncode == 0 and c1.returncode == 0, (e1_home / "server.log").read_text()[-2000:]
+    # and `down --purge` from a machine without rabbitmqctl removes every part queue and exchange too
+    names = Names(cp.ns)
+    parts = [(names.replica_queue(dep.deployment, part, 0), names.part_exchange(dep.deployment, part))
+             for part in dep.placement]
+    assert all(_exists(q, ex) == (True, True) for q, ex in parts)
+    no_ctl = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and not Path(p, "rabbitmqctl").exists())
+    down = cli("down", "--purge", "--namespace", cp.ns, env={"PATH": no_ctl, "HOME": str(elsewhere),
+                                                             "SPLITINFER_BROKER_URL": BROKER})
+    assert down.returncode == 0, down.stderr
+    assert all(_exists(q, ex) == (False, False) for q, ex in parts), down.stdout
 
 
 def test_clocks_that_disagree_neither_expire_nor_extend_a_job(tmp_path, run_prefix, dag_split, results_db,

@@ -71,11 +71,6 @@ def _run_coro(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-def _is_local(url: str) -> bool:
-    host = urlsplit(url).hostname or "localhost"
-    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname())
-
-
 def with_port(url: str, port: int) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)
@@ -275,7 +270,7 @@ def ensure_broker(url: str, private_port: int, data_dir: Path, say: Callable[[st
     one (the caller stops it)."""
     if broker_answers(url):
         if has_hash_exchange(url) is False:
-            if not _is_local(url):
+            if not transport.is_local_url(url):
                 raise BrokerError(f"the broker at {masked(url)} lacks the x-consistent-hash exchange; "
                                    f"enable it there: rabbitmq-plugins enable {HASH_PLUGIN}")
             say(f"enabling {HASH_PLUGIN} on the local broker")

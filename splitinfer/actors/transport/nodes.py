@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -25,6 +26,12 @@ def broker_urls(url: str) -> list[str]:
     if not urls:
         raise ValueError("no broker URL given")
     return urls
+
+
+def is_local_url(url: str) -> bool:
+    """A broker URL of this machine (its own rabbitmqctl sees that broker)."""
+    host = urlsplit(url).hostname or "localhost"
+    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname())
 
 
 def masked(url: str) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
 import time
@@ -36,7 +37,7 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from splitinfer.actors.transport.log import first_line
-from splitinfer.actors.transport.nodes import connect_once
+from splitinfer.actors.transport.nodes import broker_urls, connect_once, is_local_url
 
 HASH_EXCHANGE_TYPE = "x-consistent-hash"
 # reply_to of the tensors a front end sends: errors about them come back to it, not to the user; the result store
@@ -86,6 +87,12 @@ class Names:
     @property
     def jobs(self) -> str:
         return f"{self.ns}.jobs"
+
+    @property
+    def index(self) -> str:
+        """A queue of the names the namespace's actors declared beyond the core (part exchanges and queues, server
+        control queues): what `splitinfer down` deletes where no `rabbitmqctl` can list the broker."""
+        return f"{self.ns}.index"
 
     @property
     def submit(self) -> str:
@@ -297,7 +304,41 @@ async def declare_core(channel: AbstractChannel, names: Names, policy: QueuePoli
     await dlq.bind(ex["dead"], routing_key="")
     jobs = await declare_kept_queue(channel, names, names.jobs, policy)
     await jobs.bind(ex["submit"], routing_key=names.jobs)
+    # kept as the work queues are (quorum on a cluster): a durable classic queue on a lost node blocks every
+    # declaration of it, and so every actor's reconnection
+    await declare_kept_queue(channel, names, names.index, policy, {
+        **policy.arguments(names, dead_letter=False), "x-max-length": INDEX_MAX, "x-overflow": "drop-head"})
     return ex
+
+
+INDEX_MAX = 10_000  # entries the names index keeps (the oldest go first: their queues expire by themselves)
+
+
+async def record_names(channel: AbstractChannel, names: Names, *, queues: Iterable[str] = (),
+                       exchanges: Iterable[str] = ()) -> None:
+    """Add declared names to the namespace's index (through the default exchange: no permission on the index
+    itself is needed). Best effort: a lost entry only leaves a name for the broker's own expiry."""
+    body = json.dumps({"queues": list(queues), "exchanges": list(exchanges)}).encode()
+    with contextlib.suppress(Exception):
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=names.index)
+
+
+async def _indexed_names(conn, names: Names) -> dict[str, set[str]]:
+    """Every name in the namespace's index (read to the end; the index is deleted with the namespace)."""
+    found: dict[str, set[str]] = {"queues": set(), "exchanges": set()}
+    channel = await conn.channel()
+    try:
+        queue = await channel.declare_queue(names.index, passive=True)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                entry = json.loads(message.body)
+                for kind in found:
+                    found[kind].update(n for n in entry.get(kind, []) if isinstance(n, str)
+                                       and n.startswith(names.ns + "."))
+    except Exception:
+        pass
+    return found
 
 
 CORE_EXCHANGES = ("tensors", "results", "control", "dead", "submit")
@@ -328,6 +369,7 @@ async def declare_part(channel: AbstractChannel, names: Names, deployment: str, 
                                      durable=policy.durable_parts)
         await q.bind(part_ex, routing_key="1")
         queues.append(q)
+    await record_names(channel, names, queues=[q.name for q in queues], exchanges=[part_ex.name])
     return queues
 
 
@@ -338,6 +380,7 @@ async def declare_control_queue(channel: AbstractChannel, names: Names, queue: s
     q = await declare_kept_queue(channel, names, queue, policy)
     for key in keys:
         await q.bind(control, routing_key=key)
+    await record_names(channel, names, queues=[queue])
     return q
 
 
@@ -370,22 +413,52 @@ def _local_broker_names(prefix: str) -> dict[str, list[str]] | None:
 def known_names(names: Names) -> dict[str, list[str]]:
     """The names a namespace always has (when no listing of the broker is at hand): core and control plane."""
     return {"queues": [names.jobs, names.inflight, names.dead, names.registry_queue, names.pool_queue,
-                       names.optimizer_queue, names.state_pool_queue, names.result_store_queue],
+                       names.optimizer_queue, names.state_pool_queue, names.result_store_queue, names.index],
             "exchanges": [names.tensors, names.results, names.control, names.dead, names.submit]}
+
+
+async def holds_lock(channel: AbstractChannel, queue: str) -> bool:
+    """Whether someone holds the exclusive lock queue (a supervisor of the namespace's control plane or a
+    server); on a throwaway channel: a passive declare of a missing queue closes it."""
+    try:
+        await channel.declare_queue(queue, passive=True)
+        return True
+    except aiormq.exceptions.ChannelLockedResource:
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+
+
+async def control_plane_runs(broker_url: str, prefix: str) -> bool:
+    """Whether a `splitinfer up` runs the namespace, asked over a plain connection (nothing declared: `down` works
+    whatever queue settings this machine has)."""
+    conn = await connect_once(broker_url, timeout=10)
+    async with conn:
+        return await holds_lock(await conn.channel(), Names(prefix).supervisor_lock)
 
 
 async def delete_namespace(broker_url: str, prefix: str, *, keep_nonempty: bool = False
                            ) -> tuple[int, list[str]]:
     """Delete every exchange and queue of a namespace (`splitinfer down`, a test run, a benchmark, the demo):
-    queues expire by themselves, exchanges never do. Lists them with the local rabbitmqctl; without it, deletes
-    the names every namespace has. `keep_nonempty`: a queue still holding messages (jobs, dead letters) stays.
-    Returns (how many were deleted, the queues kept). Never raises: cleanup must not fail the run it follows."""
-    listed = await asyncio.to_thread(_local_broker_names, prefix)
-    names = listed if listed and any(listed.values()) else known_names(Names(prefix))
+    queues expire by themselves, exchanges never do. What to delete: the names every namespace has, the ones its
+    actors recorded in its index (through the broker: from any machine), and, for a broker on this machine, what
+    its rabbitmqctl lists. `keep_nonempty`: a queue still holding messages (jobs, dead letters) stays. Returns
+    (how many were deleted, the queues kept). Never raises: cleanup must not fail the run it follows."""
+    ns = Names(prefix)
+    found = {kind: set(v) for kind, v in known_names(ns).items()}
+    if all(is_local_url(u) for u in broker_urls(broker_url)):
+        listed = await asyncio.to_thread(_local_broker_names, prefix)
+        for kind, more in (listed or {}).items():
+            found[kind].update(more)
     deleted, kept = 0, []
     with contextlib.suppress(Exception):
         conn = await connect_once(broker_url, timeout=10)
         async with conn:
+            for kind, more in (await _indexed_names(conn, ns)).items():
+                found[kind].update(more)
+            # the index last: a failure half-way leaves it to find the rest next time
+            names = {kind: sorted(found[kind] - {ns.index}) + ([ns.index] if ns.index in found[kind] else [])
+                     for kind in found}
             for kind in ("queues", "exchanges"):
                 for name in names[kind]:
                     channel = await conn.channel()  # a failed delete closes its channel

@@ -79,7 +79,7 @@ class Actor:
             self.health = HealthServer(self.metrics, self.not_ready, self.settings.metrics_host,
                                        self.settings.metrics_port)
             self.health.start()
-            self.log("serving_metrics", url=f"http://{self.settings.metrics_host}:{self.health.port}/metrics")
+            self.log("serving_metrics", url=self.health.url)
         await self.setup()
         await self.presence.start()
         self.started = True
@@ -248,7 +248,8 @@ class Actor:
         load = system_load()
         return ServerState(processed=self.stats["processed"], errors=self.stats["errors"],
                            load=float(len(self.deliveries)), cpu_percent=load["cpu_percent"],
-                           memory_mb=load["memory_mb"], load_avg=load["load_avg"])
+                           memory_mb=load["memory_mb"], load_avg=load["load_avg"], not_ready=self.not_ready(),
+                           metrics_url=self.health.url if self.health is not None else None)
 
 
 def run_actor(actor: Actor) -> None:

@@ -10,6 +10,7 @@ series an actor never touches stay empty.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -98,6 +99,8 @@ class HealthServer:
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
+        shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+        self.url = f"http://{shown}:{self.port}/metrics"  # what `splitinfer status` shows
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="health-http", daemon=True)
         self._ticker: asyncio.Task | None = None
 

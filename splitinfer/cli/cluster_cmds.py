@@ -198,15 +198,19 @@ def status(
         }))
         return
     table = Table(title=f"actors in namespace {ns}")
-    for col in ("actor", "kind", "site", "alive", "parts", "load", "cpu %", "processed", "errors"):
+    metrics = any(a.state.metrics_url for a in actors)
+    for col in ("actor", "kind", "site", "alive", "ready", "parts", "load", "cpu %", "processed", "errors",
+                *(("metrics",) if metrics else ())):
         table.add_column(col, justify="right" if col in ("load", "cpu %", "processed", "errors") else "left",
-                         no_wrap=col in ("actor", "kind"))
+                         no_wrap=col in ("actor", "kind", "metrics"))
     for a in actors:
         parts = ", ".join(f"{p.part}@r{p.replica}/{p.replicas}" for p in a.parts)
         st = a.state
-        table.add_row(a.actor_id, a.kind, a.site or "-", "[green]yes[/]" if a.alive else "[red]no[/]", parts or "-",
-                      "-" if st.load is None else f"{st.load:g}",
-                      "-" if st.cpu_percent is None else f"{st.cpu_percent:.0f}", str(st.processed), str(st.errors))
+        ready = "-" if not a.alive else "[green]yes[/]" if st.not_ready is None else f"[yellow]{st.not_ready}[/]"
+        table.add_row(a.actor_id, a.kind, a.site or "-", "[green]yes[/]" if a.alive else "[red]no[/]", ready,
+                      parts or "-", "-" if st.load is None else f"{st.load:g}",
+                      "-" if st.cpu_percent is None else f"{st.cpu_percent:.0f}", str(st.processed), str(st.errors),
+                      *((st.metrics_url or "-",) if metrics else ()))
     console.print(table)
     dtable = Table(title="deployments")
     for col in ("deployment", "part", "replicas: server"):

@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     # --- durability and overload (README "Durability")
     # The queues that hold work the broker must keep (jobs, job notices, control services, the result store's and
     # the dead letters): "classic" on one node (fastest), "quorum" on a broker cluster (replicated: a node may
-    # fail). The data plane's part queues stay classic: their tensors are recomputed, never the only copy (on a
-    # cluster they are transient too, so a server declares them again on a surviving node).
+    # fail). The data plane's part queues stay classic: their tensors are recomputed, never the only copy (with
+    # several node URLs they are transient too, so a server declares them again on a surviving node).
     queue_type: Literal["classic", "quorum"] = "classic"
     dead_letter_max: int = Field(default=10_000, ge=1)        # the dead-letter queue keeps at most this many
     dead_letter_max_mb: float = Field(default=256.0, gt=0)    # ... and this many MB (the oldest are dropped)

@@ -61,6 +61,9 @@ class ServerState(Frozen):
     compute_s: float = 0.0               # compute seconds since start (slowdown included)
     power: PowerSpec | None = None       # a battery device's power figures (the planner's device energy model)
     memory_limit_mb: float | None = None  # weights this server may hold (the planner's memory limit); None: any
+    # what its health endpoints say (observability): why it is not ready (None: ready), where its /metrics are
+    not_ready: str | None = None
+    metrics_url: str | None = None
 
 
 class ActorInfo(Frozen):

@@ -6,6 +6,7 @@ until it has loaded its parts again, then is, and answers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from splitinfer.messages import ResultMessage
 from splitinfer.splitter.manifest import Manifest
 from tests.support.actors import dag_reference, log_events
 from tests.support.broker import requires_broker
+from tests.support.cli import cli
 from tests.support.up_cluster import up_cluster
 from tests.support.waiting import eventually, eventually_sync
 
@@ -103,6 +105,12 @@ def test_metrics_health_and_readiness_of_a_running_cluster(tmp_path, run_prefix,
         assert next(x.value for x in front if x.name == "splitinfer_jobs_total") >= 6
         assert next(x.value for x in front if x.name == "splitinfer_answers_total" and x.labels["code"] == "ok") >= 6
         assert _get(f"{servers['s1']}/nowhere")[0] == 404
+        # `splitinfer status` shows where each actor's metrics are and whether it is ready (from its heartbeats)
+        shown = cli("status", "--json", env=cl.env)
+        assert shown.returncode == 0, shown.stderr
+        states = {a["actor_id"]: a["state"] for a in json.loads(shown.stdout)["actors"]}
+        for s, url in servers.items():
+            assert states[s]["metrics_url"] == f"{url}/metrics" and states[s]["not_ready"] is None, states[s]
 
         # kill -9 s1: restarted on the same port, it is not ready until its parts are loaded again
         [victim] = [p for p in psutil.Process(cl.up.pid).children(recursive=True)

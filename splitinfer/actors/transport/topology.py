@@ -232,21 +232,22 @@ class QueuePolicy:
     """How a namespace's queues are declared: the type of the queues that hold work the broker must keep (jobs,
     notices, control services, results, dead letters), their expiry (scratch namespaces) and the dead-letter
     queue's bounds. Part queues are always classic: their tensors are ephemeral (recomputed from the job, never the
-    only copy) and latency matters most there. On a cluster (quorum) they are also transient: a durable classic
-    queue whose node is down cannot be declared again anywhere, a transient one is deleted with its node and
-    declared again by its server on a survivor."""
+    only copy) and latency matters most there. On a cluster (several node URLs) they are also transient: a
+    durable classic queue whose node is down cannot be declared again anywhere, a transient one is deleted with
+    its node and declared again by its server on a survivor."""
 
     queue_type: str = "classic"
     expires_s: float | None = None
     dead_max: int = 10_000
     dead_max_bytes: int = 256 * 1024 * 1024
     dead_ttl_s: float = 7 * 86400.0
+    cluster: bool = False   # the broker URL lists several nodes
 
     @classmethod
     def from_settings(cls, settings) -> "QueuePolicy":
         return cls(queue_type=settings.queue_type, expires_s=settings.queue_expires_s,
                    dead_max=settings.dead_letter_max, dead_max_bytes=int(settings.dead_letter_max_mb * 1024 * 1024),
-                   dead_ttl_s=settings.dead_letter_ttl_s)
+                   dead_ttl_s=settings.dead_letter_ttl_s, cluster=len(broker_urls(settings.broker_url)) > 1)
 
     def arguments(self, names: Names, *, single_active: bool = False, dead_letter: bool = True,
                   kept: bool = True) -> dict:
@@ -264,8 +265,9 @@ class QueuePolicy:
 
     @property
     def durable_parts(self) -> bool:
-        """Part queues outlive a broker restart on one node; on a cluster they must not outlive their node."""
-        return self.queue_type != "quorum"
+        """Part queues outlive a broker restart on one node (keeping their bindings while the servers reconnect);
+        on a cluster they must not outlive their node."""
+        return not self.cluster
 
     def dead_arguments(self, names: Names) -> dict:
         """The dead-letter queue: bounded in count, bytes and age; the oldest go first."""

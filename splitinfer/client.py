@@ -356,22 +356,18 @@ class Client:
                 except NotDeployed as exc:
                     if self.watch.hosted(job.route) is not True:
                         raise
-                    # its servers are alive: their queues are coming back (a broker node lost them)
-                    wait = OUTAGE.delay(failures)
-                    if loop.time() + wait >= job.deadline:
-                        self.session.log.warning("job_not_sent", job_id=job.job_id, error=str(exc))
-                        return
-                    await asyncio.sleep(wait)
+                    error = exc  # its servers are alive: their queues are coming back (a broker node lost them)
                 except ClientError:
                     raise
                 except Exception as exc:
                     if self.session.connection.is_open and failures >= 2:
                         raise ClientError(f"could not send job {job.job_id}: {exc}") from None
-                    wait = OUTAGE.delay(failures)
-                    if loop.time() + wait >= job.deadline:
-                        self.session.log.warning("job_not_sent", job_id=job.job_id, error=str(exc))
-                        return
-                    await asyncio.sleep(wait)
+                    error = exc
+                wait = OUTAGE.delay(failures)
+                if loop.time() + wait >= job.deadline:
+                    self.session.log.warning("job_not_sent", job_id=job.job_id, error=str(error))
+                    return
+                await asyncio.sleep(wait)
         finally:
             self._sending.discard(job.job_id)
 

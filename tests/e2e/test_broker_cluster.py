@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import uuid
 
 import numpy as np
@@ -19,6 +18,7 @@ from splitinfer.client import Client, subscribe_results
 from splitinfer.messages import ResultMessage
 from splitinfer.splitter.manifest import Manifest
 from tests.support.actors import dag_reference, log_events
+from tests.support.broker import free_port
 from tests.support.up_cluster import up_cluster
 from tests.support.waiting import eventually
 
@@ -28,15 +28,9 @@ CONFIG = '[[servers]]\nid = "s1"\n\n[[servers]]\nid = "s2"\n'
 TOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    cluster = PrivateCluster([_free_port() for _ in range(3)], tmp_path_factory.mktemp("nodes"), say=lambda m: None)
+    cluster = PrivateCluster([free_port() for _ in range(3)], tmp_path_factory.mktemp("nodes"), say=lambda m: None)
     cluster.start()
     yield cluster
     cluster.stop()

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import json
 import signal
-import socket
 import uuid
 
 import numpy as np
@@ -33,6 +32,7 @@ from splitinfer.client import Client, subscribe_results  # noqa: E402
 from splitinfer.messages import ErrorResult, InferenceJob, ResultMessage  # noqa: E402
 from splitinfer.splitter.manifest import Manifest  # noqa: E402
 from tests.support.actors import dag_reference, log_events  # noqa: E402
+from tests.support.broker import free_port  # noqa: E402
 from tests.support.cli import assert_one_line_error, cli  # noqa: E402
 from tests.support.up_cluster import up_cluster  # noqa: E402
 from tests.support.waiting import eventually  # noqa: E402
@@ -43,15 +43,9 @@ CONFIG = '[[servers]]\nid = "s1"\n\n[[servers]]\nid = "s2"\n'
 TOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    node = PrivateBroker(_free_port(), tmp_path_factory.mktemp("broker"), say=lambda m: None)
+    node = PrivateBroker(free_port(), tmp_path_factory.mktemp("broker"), say=lambda m: None)
     node.start()
     yield node
     node.stop()

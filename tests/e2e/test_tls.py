@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 
 import numpy as np
@@ -18,6 +17,7 @@ from splitinfer.client import Client
 from splitinfer.messages import ResultMessage
 from splitinfer.splitter.manifest import Manifest
 from tests.support.actors import dag_reference
+from tests.support.broker import free_port
 from tests.support.up_cluster import up_cluster
 
 pytestmark = pytest.mark.skipif(not rabbitmq_installed() or shutil.which("openssl") is None,
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.skipif(not rabbitmq_installed() or shutil.which("openss
 
 CONFIG = '[[servers]]\nid = "s1"\n\n[[servers]]\nid = "s2"\n'
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _certificates(d) -> dict[str, str]:
@@ -51,8 +45,8 @@ def _certificates(d) -> dict[str, str]:
 def tls_broker(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
     certs = _certificates(d)
-    tls_port = _free_port()
-    node = PrivateBroker(_free_port(), d / "node", say=lambda m: None, extra_conf=(
+    tls_port = free_port()
+    node = PrivateBroker(free_port(), d / "node", say=lambda m: None, extra_conf=(
         f"listeners.ssl.default = {tls_port}\nssl_options.cacertfile = {certs['ca']}\n"
         f"ssl_options.certfile = {certs['cert']}\nssl_options.keyfile = {certs['key']}\n"
         f"ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"))

@@ -12,6 +12,15 @@ from splitinfer.config import Settings
 BROKER = Settings().broker_url
 
 
+def free_port() -> int:
+    """A port nothing listens on now (for a private broker node, a listener, a dead URL)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def broker_up(url: str = BROKER, timeout: float = 3.0) -> bool:
     from splitinfer.actors.supervisor import broker_answers
 

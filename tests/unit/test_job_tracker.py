@@ -105,6 +105,23 @@ def test_an_error_from_a_server_answers_the_job_and_unknown_ids_are_ignored():
     assert t.on_output("j1", "out:0", np.ones(1), [], "s1") is None
 
 
+def test_an_error_from_a_superseded_attempt_does_not_answer_the_job():
+    # the front end re-sent the job: the first attempt's join timing out says nothing about the second
+    t = JobTracker(max_retries=1, grace_s=0.0)
+    t.admit(job(attempt_timeout_s=1.0), now=0.0)
+    retries, _ = t.tick(now=1.0)
+    assert [r.request_id for r in retries] == ["j1~1"]
+    assert t.on_error("j1", "join_timeout", "other half lost", now=1.5) is None
+    assert t.on_output("j1", "out:0", np.ones(1), [], "s1", now=1.6).kind == "result"  # a late output still counts
+    # a job its sender re-sends (a Client's): only its latest request's errors answer it
+    t.admit(job("c1"), now=2.0, retries=False)
+    assert t.another_attempt("c1", "c1.b")
+    assert t.on_error("c1", "join_timeout", "lost", now=2.5) is None
+    ans = t.on_error("c1.b", "wrong_shape", "bad tensor", now=2.6)
+    assert ans is not None and ans.code == "wrong_shape"
+    assert t.by_request == {} and t.pending == {}
+
+
 def test_next_wakeup_is_the_nearest_deadline_or_retry():
     t = JobTracker(grace_s=0.0)
     assert t.next_wakeup(now=0.0) == 1.0

@@ -117,8 +117,8 @@ class JobTracker:
         return None
 
     def another_attempt(self, job_id: str, request_id: str) -> bool:
-        """The sender of a job it re-sends itself tried again under `request_id`: that attempt's errors are the
-        job's too. False when the job is not tracked."""
+        """The sender of a job it re-sends itself tried again under `request_id`: that attempt's errors are now the
+        job's (and no longer the earlier attempts'). False when the job is not tracked."""
         job = self.pending.get(job_id)
         if job is None:
             return False
@@ -130,6 +130,10 @@ class JobTracker:
         """The pending job a request id belongs to, any attempt (a late first attempt's output is the same work)."""
         job_id = self.by_request.get(request_id)
         return None if job_id is None else self.pending.get(job_id)
+
+    @staticmethod
+    def _latest_request(job: PendingJob) -> str:
+        return job.requests[-1] if job.requests else job.request_id
 
     def count_delivery(self, job_id: str, at_least: int = 0) -> int:
         """One more delivery of an unanswered job (at least `at_least`, e.g. a quorum queue's delivery count):
@@ -195,8 +199,11 @@ class JobTracker:
         return self._finish(job, Answer(job, "answered"), now)
 
     def on_error(self, request_id: str, code: str, message: str, now: float | None = None) -> Answer | None:
+        """An error answers the job only when it comes from its latest attempt: a superseded attempt's error (say
+        a join that timed out because its other half died with a broker node) says nothing about the attempt in
+        flight, and an error every attempt would meet (bad inputs) comes from the latest one too."""
         job = self._job_of(request_id)
-        if job is None:
+        if job is None or request_id != self._latest_request(job):
             return None
         now = time.monotonic() if now is None else now
         return self._finish(job, Answer(job, "error", code, message), now)

@@ -43,7 +43,7 @@ err_console = Console(stderr=True)
 
 NS_HELP = "broker namespace (default: SPLITINFER_NAMESPACE or 'splitinfer')"
 BROKER_HELP = "broker URL, or a cluster's node URLs separated by commas (default: SPLITINFER_BROKER_URL)"
-MODEL_HELP = "a .keras file or keras.applications:NAME (built with weights=None)"
+MODEL_HELP = "a .keras or .onnx file, or keras.applications:NAME (built with weights=None)"
 SHAPE_HELP = "input shape without batch, e.g. 224x224x3 (keras.applications default 224x224x3)"
 
 # Typer's rich help prints a value type after every option, `<bool>` after a switch too: a switch takes no value.

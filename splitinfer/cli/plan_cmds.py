@@ -117,7 +117,7 @@ def plan(
             progress.update(task, description="fidelity of compressed cuts", completed=0, total=None)
             fidelity = measure_compression(graph).fidelity_table()
     table = plan_deployment(cost_graph_from_profile(graph, profile), planner_cluster, objective, sla=sla_s,
-                            compression=fidelity, max_plans=max_plans, name=graph.model.name)
+                            compression=fidelity, max_plans=max_plans, name=graph.name)
     doc = table.to_json()
     if as_json:
         print(json.dumps(doc))

@@ -18,10 +18,10 @@ from splitinfer.splitter.partition import balanced_cuts, cut_point_rows, split_a
 
 
 def _load_graph(model: str, input_shape: Optional[str], seed: int = 0):
-    from splitinfer.splitter import ModelGraph, load_source_model, parse_shape  # lazy: loads TensorFlow
+    from splitinfer.splitter import load_graph, parse_shape  # lazy: loads TensorFlow
 
     with console.status(f"loading {model}"):
-        return ModelGraph(load_source_model(model, parse_shape(input_shape), seed=seed))
+        return load_graph(model, parse_shape(input_shape), seed=seed)
 
 
 def _parse_cuts(text: str) -> list[list[str]]:
@@ -170,9 +170,9 @@ def cuts(
         except OSError as exc:
             raise UserError(f"cannot write the plot to {plot}: {exc.strerror or exc}") from None
     if as_json:
-        print(json.dumps({"model": graph.model.name, "operations": len(graph.compute_nodes), "cut_points": rows}))
+        print(json.dumps({"model": graph.name, "operations": len(graph.compute_nodes), "cut_points": rows}))
         return
-    table = Table(title=f"{graph.model.name}: {len(rows)} cut points over {len(graph.compute_nodes)} operations")
+    table = Table(title=f"{graph.name}: {len(rows)} cut points over {len(graph.compute_nodes)} operations")
     for col in ("#", "tensor", "after op #", "shape", "bytes"):
         table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
     for i, r in enumerate(rows):

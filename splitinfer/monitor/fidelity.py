@@ -177,7 +177,8 @@ def compression_entries(
 ) -> tuple[list[CompressionEntry], dict]:
     """Measure without caching: the entries, and the profile fields that describe the comparison
     (top1_output, top1_by_error, output_spread)."""
-    from splitinfer.splitter.build import CompiledPart, build_part, random_inputs  # lazy: loads TensorFlow
+    from splitinfer.splitter.build import CompiledPart, build_part  # lazy: loads TensorFlow
+    from splitinfer.splitter.tensors import random_inputs
 
     finals = list(graph.outputs)
     wanted = list(dict.fromkeys([*tensors, *finals]))
@@ -284,7 +285,7 @@ def measure_compression(
         entries, about = compression_entries(
             graph, candidates, chosen_codecs, samples=samples, seed=seed, batch=batch, progress=progress)
         return CompressionProfile(
-            model=graph.model.name, model_hash=mhash, input_shapes=input_shapes, batch=batch, samples=samples,
+            model=graph.name, model_hash=mhash, input_shapes=input_shapes, batch=batch, samples=samples,
             seed=seed, codecs=chosen_codecs, **about,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             measure_seconds=round(time.perf_counter() - start, 3), entries=entries,

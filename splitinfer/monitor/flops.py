@@ -136,15 +136,20 @@ def node_flops(graph: ModelGraph, batch: int = 1) -> dict[str, int]:
 
     Counts come from TensorFlow's profiler on a concrete function with fixed input shapes; each TF op is
     attributed to the node whose private name scope created it. Raises SplitError if any FLOPs fall outside
-    every node's scope (then the attribution would not add up to the profiler's total).
+    every node's scope (then the attribution would not add up to the profiler's total). An ONNX graph's are
+    counted from its shapes (monitor.onnx_flops).
     """
+    if not isinstance(graph, ModelGraph):
+        from splitinfer.monitor.onnx_flops import node_flops_onnx
+
+        return {n: f * batch for n, f in node_flops_onnx(graph).items()}
     memo = _MEMO.setdefault(graph, {})
     if batch in memo:
         return dict(memo[batch])
     cf = replay_function(graph, batch)
     per, other, total = scoped_flops(cf.graph)
     if other:
-        raise SplitError(f"{other} of {total} FLOPs could not be attributed to an operation of {graph.model.name}")
+        raise SplitError(f"{other} of {total} FLOPs could not be attributed to an operation of {graph.name}")
     result = {name: per.get(graph.index[name], 0) for name in graph.compute_nodes}
     memo[batch] = result
     return dict(result)

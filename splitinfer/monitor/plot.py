@@ -62,7 +62,7 @@ def plot_cut_points(graph, rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("operation (topological order)")
     ax.set_ylabel("KiB (batch 1)")
-    ax.set_title(f"{graph.model.name}: {len(rows)} single-tensor cut points")
+    ax.set_title(f"{graph.name}: {len(rows)} single-tensor cut points")
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -266,10 +266,10 @@ def _compile_chain(graph, specs, values: dict, compiled: Callable[[int], None] |
 
 
 def _random_values(graph, batch: int, seed: int) -> dict:
-    """Random model inputs at `batch` as TF tensors (splitter.build.random_array, one generator seeded by `seed`)."""
+    """Random model inputs at `batch` as TF tensors (splitter.tensors.random_array, one generator seeded by `seed`)."""
     import tensorflow as tf  # lazy: loads TensorFlow
 
-    from splitinfer.splitter.build import random_array  # lazy: loads TensorFlow
+    from splitinfer.splitter.tensors import random_array
 
     rng = np.random.default_rng(seed)
     values = {}
@@ -327,7 +327,7 @@ def build_profile(
     if rounds < 3:
         raise SplitError("rounds must be at least 3")
     if not graph.compute_nodes:
-        raise SplitError(f"{graph.model.name} has no operations to profile")
+        raise SplitError(f"{graph.name} has no operations to profile")
     started = time.perf_counter()
     report = progress or (lambda *_: None)
     total_steps = 2 + max(1, segments) + rounds  # corrected once the segments are known
@@ -383,7 +383,7 @@ def build_profile(
         # run once here, so that a shape the model cannot take fails now, not mid-measurement
         whole = _compile_chain(graph, [whole_spec], dict(values))
     except (ValueError, TypeError, tf.errors.OpError) as exc:
-        raise SplitError(f"cannot run {graph.model.name} at input shape {[list(v.shape) for v in values.values()]}: "
+        raise SplitError(f"cannot run {graph.name} at input shape {[list(v.shape) for v in values.values()]}: "
                          f"{error_line(exc)}") from None
     tick("compiling the whole model")
     calls = [trivial_call(), *whole]
@@ -450,7 +450,7 @@ def build_profile(
 
     input_shapes = [[int(d) for d in graph.tensors[t].shape[1:]] for t in graph.inputs]
     return ModelProfile(
-        model=graph.model.name,
+        model=graph.name,
         model_hash=model_hash or _model_hash(graph.model),
         input_shapes=input_shapes,
         batch=batch,

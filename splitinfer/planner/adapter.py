@@ -44,7 +44,7 @@ def cost_graph_from(
     needs (from the model unless given), model inputs and outputs. Non-float tensors are marked incompressible."""
     missing = [n for n in graph.compute_nodes if n not in node_costs]
     if missing:
-        raise PlanError(f"no cost for {len(missing)} operation(s) of {graph.model.name}, first {missing[0]!r}")
+        raise PlanError(f"no cost for {len(missing)} operation(s) of {graph.name}, first {missing[0]!r}")
     params = dict(param_bytes) if param_bytes is not None else param_bytes_of(graph)
     nodes = [
         CostNode(
@@ -65,7 +65,7 @@ def cost_graph_from(
         graph.outputs,
         unit=unit,
         incompressible=incompressible,
-        name=graph.model.name,
+        name=graph.name,
     )
 
 

@@ -8,13 +8,13 @@ checks, the client) should not pay for it.
 from splitinfer._lazy import lazy_exports
 
 _LAZY = {
-    "CompiledPart": "build", "build_part": "build", "load_part_model": "build", "load_source_model": "build",
-    "random_inputs": "build", "run_parts": "build", "save_split": "build",
+    "CompiledPart": "build", "build_part": "build", "load_part_model": "build", "load_source_model": "build", "load_graph": "build",
+    "random_inputs": "tensors", "run_parts": "verify", "save_split": "build",
     "verify_split": "build",
     "SplitError": "errors",
-    "GraphNode": "graph", "ModelGraph": "graph", "TensorInfo": "graph", "model_hash": "graph",
+    "GraphNode": "graph", "ModelGraph": "graph", "model_hash": "graph",
     "Manifest": "manifest", "PartEntry": "manifest", "PartOutput": "manifest", "TensorSpec": "manifest",
-    "parse_shape": "manifest",
+    "parse_shape": "manifest", "TensorInfo": "tensors",
     "PartSpec": "partition", "balanced_cuts": "partition", "split_at_cuts": "partition", "split_by_groups": "partition",
 }
 
@@ -24,6 +24,6 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 __all__ = [
     "CompiledPart", "GraphNode", "Manifest", "ModelGraph", "PartEntry", "PartOutput", "PartSpec",
     "SplitError", "TensorInfo", "TensorSpec", "balanced_cuts", "build_part", "load_part_model",
-    "load_source_model", "model_hash", "parse_shape", "random_inputs", "run_parts", "save_split",
+    "load_graph", "load_source_model", "model_hash", "parse_shape", "random_inputs", "run_parts", "save_split",
     "split_at_cuts", "split_by_groups", "verify_split",
 ]

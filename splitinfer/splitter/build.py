@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
+import io
+import logging
 import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,9 @@ from splitinfer.splitter.manifest import (
     TensorSpec,
     file_sha256,
 )
-from splitinfer.splitter.partition import PartSpec
+from splitinfer.splitter.partition import PartSpec, split_id_of
+from splitinfer.splitter.runtimes import load_parts
+from splitinfer.splitter.verify import compare_split, handed_over, runtime_sets
 
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed: int = 0) -> keras.Model:
@@ -61,6 +64,15 @@ def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed:
     if input_shape is not None:
         model = _at_input_shape(model, tuple(input_shape), spec)
     return model
+
+
+def load_graph(spec: str, input_shape: Sequence[int] | None = None, seed: int = 0):
+    """The tensor graph of a source model: an OnnxGraph for an `.onnx` file, else a ModelGraph (load_source_model)."""
+    if spec.endswith(".onnx"):
+        from splitinfer.splitter.onnx_graph import OnnxGraph, load_onnx_model
+
+        return OnnxGraph(load_onnx_model(spec, input_shape), name=Path(spec).stem)
+    return ModelGraph(load_source_model(spec, input_shape, seed=seed))
 
 
 def _at_input_shape(model: keras.Model, shape: tuple[int, ...], spec: str) -> keras.Model:
@@ -165,13 +177,6 @@ def _build_part(graph: ModelGraph, spec: PartSpec) -> keras.Model:
     return keras.Model(inputs, [new[t] for t in spec.outputs], name=spec.name)
 
 
-def split_id_of(source_hash: str, parts: Sequence[PartSpec]) -> str:
-    h = hashlib.sha256(source_hash.encode())
-    for p in parts:
-        h.update(("|".join(p.nodes) + "#").encode())
-    return h.hexdigest()[:16]
-
-
 def save_split(
     graph: ModelGraph,
     parts: Sequence[PartSpec],
@@ -180,6 +185,10 @@ def save_split(
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Build, save and hash every part, save the source model for verify, and write the manifest."""
+    if not isinstance(graph, ModelGraph):
+        from splitinfer.splitter.onnx_build import save_onnx_split
+
+        return save_onnx_split(graph, parts, out_dir, origin, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source_hash = model_hash(graph.model)
@@ -242,6 +251,29 @@ def load_part_model(path: Path, expected_sha256: str | None = None) -> keras.Mod
         raise SplitError(f"cannot load part {path}: {error_line(exc)}") from None
 
 
+def export_onnx(model: keras.Model, path: Path) -> Path:
+    """A Keras model as an ONNX file (Keras's own export, through tf2onnx), its free batch dimension kept, for
+    the onnxruntime runtime. Keras exports only a model that has been called, so it is called once first."""
+    path = Path(path)
+    if not getattr(model, "_called", False):
+        shapes = [[1 if d is None else d for d in kt.shape] for kt in model.inputs]
+        xs = [np.zeros(s, kt.dtype) for s, kt in zip(shapes, model.inputs)]
+        model(xs[0] if len(xs) == 1 else xs, training=False)
+    quiet = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.CRITICAL)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.export(str(path), format="onnx", verbose=False)
+    except Exception as exc:  # noqa: BLE001 - tf2onnx fails in many ways on ops it cannot convert
+        raise SplitError(f"cannot export {model.name} to ONNX: {error_line(exc)}") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    return path
+
+
 class CompiledPart:
     """A part as one traced tf.function: the way servers run parts (eager per call is ~10x slower).
 
@@ -262,11 +294,6 @@ class CompiledPart:
         except Exception:  # a model the signature cannot describe: the polymorphic function serves it
             self._concrete = None
 
-    @classmethod
-    def from_entry(cls, directory: Path, entry: PartEntry) -> "CompiledPart":
-        model = load_part_model(Path(directory) / entry.file, entry.sha256)
-        return cls(model, [t.name for t in entry.inputs], [t.name for t in entry.outputs])
-
     def __call__(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [t for t in self.input_names if t not in tensors]
         if missing:
@@ -284,34 +311,6 @@ class CompiledPart:
         return {name: np.asarray(o) for name, o in zip(self.output_names, outs)}
 
 
-def run_parts(parts: Sequence[CompiledPart], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run parts in manifest (topological) order, each on the tensors produced so far."""
-    tensors = dict(inputs)
-    for part in parts:
-        tensors.update(part(tensors))
-    return tensors
-
-
-def random_array(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
-    """A sample input: uniform in [0, 1) for floats, integers 0..9 for integers, 0 or 1 otherwise (bools)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return rng.uniform(0.0, 1.0, size=shape).astype(dtype)
-    if dtype.kind in "iu":
-        return rng.integers(0, 10, size=shape).astype(dtype)
-    return rng.integers(0, 2, size=shape).astype(dtype)
-
-
-def random_inputs(specs: Sequence[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
-    """One random_array per spec at `batch` (unknown dimensions other than the batch are 1), seeded by `seed`."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in specs:
-        shape = [batch if d is None and i == 0 else (d or 1) for i, d in enumerate(spec.shape)]
-        out[spec.name] = random_array(rng, shape, spec.dtype)
-    return out
-
-
 def full_model_outputs(model: keras.Model, manifest: Manifest, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The unsplit model's outputs on the same inputs, keyed by the manifest's final tensor names."""
     xs = ModelGraph(model).model_inputs([inputs[t.name] for t in manifest.inputs])
@@ -320,12 +319,6 @@ def full_model_outputs(model: keras.Model, manifest: Manifest, inputs: Mapping[s
     return {t.name: np.asarray(v) for t, v in zip(manifest.outputs, flat)}
 
 
-def tensor_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref|, divided by the reference's magnitude when that exceeds 1 (deep activations grow large)."""
-    if ref.size == 0:
-        return 0.0
-    diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
-    return diff / max(1.0, float(np.max(np.abs(ref))))
 
 
 class _SourceCall:
@@ -343,11 +336,8 @@ class _SourceCall:
 
 
 def verify_split(directory: Path, samples: int = 2, seed: int = 0, batch: int = 1) -> dict:
-    """Compose the saved parts as the manifest says and compare with the saved source model.
-
-    Every tensor a part hands over is compared, not only the final outputs: a model with random weights
-    often gives the same near-uniform softmax for every input, which would make a final-only check vacuous.
-    """
+    """Compose the saved parts as the manifest says, on every runtime they have files for, and compare every tensor
+    they hand over with the saved source model's (splitter.verify.compare_split)."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
     if manifest.source.file is None:
@@ -357,59 +347,21 @@ def verify_split(directory: Path, samples: int = 2, seed: int = 0, batch: int = 
         raise SplitError(f"source model missing: {source_path}")
     if manifest.source.file_sha256 and file_sha256(source_path) != manifest.source.file_sha256:
         raise SplitError(f"source model {source_path} does not match the manifest's sha256")
+    if manifest.source.format == "onnx":
+        from splitinfer.splitter.onnx_build import verify_onnx_split
+
+        return verify_onnx_split(directory, manifest, source_path, samples, seed, batch)
     source = load_part_model(source_path)
-    parts = [CompiledPart.from_entry(directory, e) for e in manifest.parts]
     graph = ModelGraph(source)
-    handed_over = list(dict.fromkeys(o.name for p in manifest.parts for o in p.outputs))
-    unknown = [t for t in handed_over + graph.inputs if t not in graph.tensors]
+    tensors = handed_over(manifest)
+    unknown = [t for t in tensors + graph.inputs if t not in graph.tensors]
     if unknown or [t.name for t in manifest.inputs] != graph.inputs:
         raise SplitError(f"manifest names tensor {unknown[:1] or manifest.inputs[0].name!r} the source model lacks")
-    missing = [t for t in manifest.output_names if t not in handed_over]
+    missing = [t for t in manifest.output_names if t not in tensors]
     if missing:
         raise SplitError(f"no part produces the final output {missing[0]!r}")
-    probe_spec = PartSpec("probe", graph.compute_nodes, graph.inputs, handed_over)
-    reference = CompiledPart(build_part(graph, probe_spec), graph.inputs, handed_over)
+    probe_spec = PartSpec("probe", graph.compute_nodes, graph.inputs, tensors)
+    reference = CompiledPart(build_part(graph, probe_spec), graph.inputs, tensors)
     whole = _SourceCall(graph, manifest.output_names)
-    finals = set(manifest.output_names)
-    errors = {t: 0.0 for t in handed_over}
-    spread = {t: 0.0 for t in manifest.output_names}
-    previous: dict[str, np.ndarray] = {}
-    for s in range(samples):
-        inputs = random_inputs(manifest.inputs, batch, seed + s)
-        try:
-            got = run_parts(parts, inputs)
-            want = reference(inputs)
-            whole_outputs = whole(inputs)
-        except SplitError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a model that cannot run on these inputs; say why in one line
-            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
-            free = any(d is None for t in manifest.inputs for d in t.shape[1:])
-            hint = " (its inputs have free dimensions, filled with 1: split it with --input-shape)" if free else ""
-            raise SplitError(f"cannot run the split on random inputs {shapes}{hint}: {error_line(exc)}") from None
-        # The final outputs also against the source model's own call, not only against our replay of its graph.
-        for name, ref in whole_outputs.items():
-            if got[name].shape != ref.shape:
-                raise SplitError(f"{name!r} has shape {got[name].shape}, the full model gives {ref.shape}")
-            errors[name] = max(errors[name], tensor_error(got[name], ref))
-        for name, ref in want.items():
-            if name not in got:
-                raise SplitError(f"no part produces {name!r}")
-            if got[name].shape != ref.shape:
-                raise SplitError(f"{name!r} has shape {got[name].shape}, the full model gives {ref.shape}")
-            errors[name] = max(errors[name], tensor_error(got[name], ref))
-            if name in finals and name in previous:
-                diff = previous[name].astype(np.float64) - ref.astype(np.float64)
-                spread[name] = max(spread[name], float(np.max(np.abs(diff), initial=0.0)))
-            previous[name] = ref
-    return {
-        "split_id": manifest.split_id,
-        "model": manifest.source.name,
-        "parts": len(manifest.parts),
-        "samples": samples,
-        "tensors_compared": len(handed_over),
-        "max_abs_error": max(errors.values(), default=0.0),
-        "per_output": {t: errors[t] for t in manifest.output_names},
-        "max_handover_error": max((e for t, e in errors.items() if t not in finals), default=0.0),
-        "output_spread": spread,
-    }
+    parts = {runtime: load_parts(directory, manifest, runtime) for runtime in runtime_sets(manifest)}
+    return compare_split(manifest, parts, reference, whole, samples, seed, batch, error_line)

@@ -32,24 +32,7 @@ from keras.src.models.sequential import Sequential
 
 from splitinfer.dag import Dag, DagQueries
 from splitinfer.splitter.errors import SplitError
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    shape: tuple  # batch dimension first, None where unknown
-    dtype: str
-    producer: str  # node name
-    consumers: list[str] = field(default_factory=list)
-    mask: str | None = None  # the tensor holding its Keras mask (`emb:mask0` for `emb:0`), if it carries one
-
-    def nbytes(self, batch: int = 1) -> int:
-        """Bytes of this tensor for `batch` samples (unknown non-batch dims count as 1)."""
-        dims = [batch if i == 0 and d is None else (d or 1) for i, d in enumerate(self.shape)]
-        return int(np.prod(dims, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+from splitinfer.splitter.tensors import TensorInfo
 
 
 @dataclass
@@ -369,6 +352,10 @@ class ModelGraph(DagQueries):
                 self.tensors[t].consumers.append(node.name)
 
     # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.model.name
 
     @property
     def compute_nodes(self) -> list[str]:

@@ -7,6 +7,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -19,6 +20,12 @@ MANIFEST_FORMAT = "splitinfer.manifest"
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SOURCE_FILE = "source.keras"
+ONNX_SOURCE_FILE = "source.onnx"
+# what a part file is, and the runtime that runs each format (a server runs a part on the runtime its entry names,
+# from the file of that runtime's format: the part's own, or one of its exports)
+PART_FORMATS = ("keras", "onnx", "tflite")
+RUNTIME_FORMATS = {"tf": "keras", "onnxruntime": "onnx", "litert": "tflite"}
+DEFAULT_RUNTIME = {fmt: runtime for runtime, fmt in RUNTIME_FORMATS.items()}
 APPLICATIONS_PREFIX = "keras.applications:"  # a source model's origin: a .keras path, or this + a keras.applications name
 MAX_INPUT_ELEMENTS = 2**31 - 1  # per sample: TensorFlow kernels index tensors with int32
 
@@ -36,6 +43,11 @@ class PartOutput(TensorSpec):
         None, description="sent compressed with this codec (messages.CODECS); the receiver restores the dtype")
 
 
+class PartFile(BaseModel):
+    file: str
+    sha256: str
+
+
 class PartEntry(BaseModel):
     name: str
     file: str
@@ -43,12 +55,43 @@ class PartEntry(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[PartOutput]
     operations: list[str]
+    format: Literal["keras", "onnx", "tflite"] = Field("keras", description="the format of `file`")
+    exports: dict[str, PartFile] = Field(
+        default_factory=dict, description="the same part in other formats (format -> file), for other runtimes")
+    runtime: Literal["tf", "onnxruntime", "litert"] | None = Field(
+        None, description="the runtime servers run it on; None: its format's own (tf for keras, ...)")
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime or DEFAULT_RUNTIME[self.format]
+
+    @property
+    def runtimes(self) -> list[str]:
+        """Every runtime a file of this part can run on."""
+        formats = [self.format, *self.exports]
+        return [r for r, fmt in RUNTIME_FORMATS.items() if fmt in formats]
+
+    def file_for(self, runtime: str | None = None) -> PartFile:
+        """The file the runtime runs (the part's own, or its export in that runtime's format)."""
+        runtime = runtime or self.runtime_name
+        fmt = RUNTIME_FORMATS.get(runtime)
+        if fmt == self.format:
+            return PartFile(file=self.file, sha256=self.sha256)
+        if fmt in self.exports:
+            return self.exports[fmt]
+        raise SplitError(f"part {self.name} has no {fmt or runtime} file for runtime {runtime} "
+                         f"(it runs on {', '.join(self.runtimes)})")
+
+    def files(self) -> list[PartFile]:
+        """Every file of the part: its own, then its exports."""
+        return [PartFile(file=self.file, sha256=self.sha256), *self.exports.values()]
 
 
 class SourceModel(BaseModel):
     name: str
     sha256: str = Field(description="model_hash: architecture and weights")
-    origin: str = Field(description="the .keras path or keras.applications:NAME it came from")
+    origin: str = Field(description="the .keras or .onnx path or keras.applications:NAME it came from")
+    format: Literal["keras", "onnx"] = "keras"
     file: str | None = Field(SOURCE_FILE, description="the full model saved next to the parts, for verify")
     file_sha256: str | None = None
 
@@ -126,12 +169,19 @@ class Manifest(BaseModel):
             raise SplitError(f"invalid manifest {path}: {str(exc).splitlines()[0][:300]}") from None
         if manifest.format != MANIFEST_FORMAT or manifest.version != MANIFEST_VERSION:
             raise SplitError(f"{path} is {manifest.format} v{manifest.version}, expected {MANIFEST_FORMAT} v{MANIFEST_VERSION}")
-        files = [p.file for p in manifest.parts] + ([manifest.source.file] if manifest.source.file else [])
+        files = [f.file for p in manifest.parts for f in p.files()]
+        files += [manifest.source.file] if manifest.source.file else []
         bad = [f for f in files if not f or f != Path(f).name or f in (".", "..")]
         if bad:
             raise SplitError(
                 f"invalid manifest {path}: file {bad[0]!r} is not a plain file name in the split directory"
             )
+        bad_runtime = [p for p in manifest.parts if p.runtime is not None and RUNTIME_FORMATS[p.runtime] not in
+                       (p.format, *p.exports)]
+        if bad_runtime:
+            p = bad_runtime[0]
+            raise SplitError(f"invalid manifest {path}: part {p.name} runs on {p.runtime} but has no "
+                             f"{RUNTIME_FORMATS[p.runtime]} file")
         return manifest
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,6 +20,14 @@ class PartSpec:
     nodes: list[str]
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+
+
+def split_id_of(source_hash: str, parts: Sequence[PartSpec]) -> str:
+    """A split's id: the source model's hash and which operations each part runs."""
+    h = hashlib.sha256(source_hash.encode())
+    for p in parts:
+        h.update(("|".join(p.nodes) + "#").encode())
+    return h.hexdigest()[:16]
 
 
 def _finish(graph: ModelGraph, groups: list[list[str]]) -> list[PartSpec]:
@@ -133,7 +143,7 @@ def balanced_cuts(graph: ModelGraph, costs: Mapping[str, float], n_parts: int, s
     points = graph.cut_points()
     if n_parts - 1 > len(points):
         raise SplitError(
-            f"cannot make {n_parts} parts: {graph.model.name} has only {len(points)} valid cut point(s), "
+            f"cannot make {n_parts} parts: {graph.name} has only {len(points)} valid cut point(s), "
             f"so at most {len(points) + 1} parts"
         )
     if n_parts == 1:

@@ -253,12 +253,13 @@ def test_load_source_model_errors(tmp_path):
 
 def test_random_inputs_match_between_split_and_full_model_for_batches(tmp_path):
     """Batch > 1 flows through the parts too (servers batch requests)."""
-    from splitinfer.splitter import CompiledPart, random_inputs, run_parts
+    from splitinfer.splitter import random_inputs, run_parts
     from splitinfer.splitter.build import full_model_outputs
+    from splitinfer.splitter.runtimes import load_parts
 
     graph = ModelGraph(load_source_model("keras.applications:MobileNetV3Small"))
     manifest = save_split(graph, split_at_cuts(graph, graph.cut_points()[5:40:10]), tmp_path, origin="x")
-    parts = [CompiledPart.from_entry(tmp_path, e) for e in manifest.parts]
+    parts = load_parts(tmp_path, manifest)
     inputs = random_inputs(manifest.inputs, batch=3, seed=9)
     got = run_parts(parts, inputs)
     want = full_model_outputs(graph.model, manifest, inputs)

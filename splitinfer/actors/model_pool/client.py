@@ -89,9 +89,9 @@ class PoolClient:
         split_dir = Path(split_dir)
         manifest = Manifest.load(split_dir)
         deployment = deployment or manifest.split_id
-        for p in manifest.parts:
-            data = await asyncio.to_thread((split_dir / p.file).read_bytes)
-            await self.upload_file(deployment, p.file, data, p.sha256)
+        for f in (f for p in manifest.parts for f in p.files()):
+            data = await asyncio.to_thread((split_dir / f.file).read_bytes)
+            await self.upload_file(deployment, f.file, data, f.sha256)
         await self._ask(Names.POOL_UPLOAD, PoolManifest(deployment=deployment, manifest=manifest.model_dump_json()),
                         Reply)
         return deployment
@@ -145,6 +145,7 @@ class PoolClient:
         manifest = Manifest.model_validate_json(text)
         for entry in manifest.parts:
             if parts is None or entry.name in parts:
-                await self.fetch_file(deployment, entry.file, entry.sha256, dest / entry.file)
+                for f in entry.files():
+                    await self.fetch_file(deployment, f.file, f.sha256, dest / f.file)
         await asyncio.to_thread(atomic_write, dest / MANIFEST_FILE, text.encode())
         return manifest

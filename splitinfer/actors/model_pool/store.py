@@ -59,9 +59,10 @@ def parse_manifest(text: str | bytes) -> Manifest:
     if not manifest.parts:
         raise MessageError("invalid manifest: it lists no parts", "bad_manifest")
     for p in manifest.parts:
-        safe_name(p.file, "file")
-        if not re.fullmatch(r"[0-9a-f]{64}", p.sha256):
-            raise MessageError(f"invalid manifest: part {p.name} has no sha256", "bad_manifest")
+        for f in p.files():
+            safe_name(f.file, "file")
+            if not re.fullmatch(r"[0-9a-f]{64}", f.sha256):
+                raise MessageError(f"invalid manifest: part {p.name} has no sha256 for {f.file}", "bad_manifest")
     return manifest
 
 
@@ -108,7 +109,8 @@ class PoolStore:
         if deployment == SOURCES:
             sha = source_sha(file)
         else:
-            entry = next((p for p in parse_manifest(self.manifest_text(deployment)).parts if p.file == file), None)
+            entry = next((f for p in parse_manifest(self.manifest_text(deployment)).parts for f in p.files()
+                          if f.file == file), None)
             if entry is None:
                 raise MessageError(f"{file!r} is not a part file of {deployment!r}", "unknown_file")
             sha = entry.sha256
@@ -175,12 +177,12 @@ class PoolStore:
             raise MessageError(f"{SOURCES!r} is reserved for source models", "bad_name")
         manifest = parse_manifest(text)
         d = self.directory(deployment)
-        for p in manifest.parts:
-            path = d / p.file
+        for f in (f for p in manifest.parts for f in p.files()):
+            path = d / f.file
             if not path.exists():
-                raise MessageError(f"part file {p.file} not uploaded", "missing_file")
-            if file_sha256(path) != p.sha256:
-                raise MessageError(f"part file {p.file} does not match the manifest's sha256", "bad_file")
+                raise MessageError(f"part file {f.file} not uploaded", "missing_file")
+            if file_sha256(path) != f.sha256:
+                raise MessageError(f"part file {f.file} does not match the manifest's sha256", "bad_file")
         atomic_write(d / MANIFEST_FILE, text.encode())
         return len(manifest.parts)
 

@@ -188,7 +188,8 @@ class ModelServer(Actor):
             directory = self.settings.cache_dir / "parts" / self.names.ns / deployment
             manifest = await self.pool.fetch_deployment(deployment, directory, parts=[part])
         entry = manifest.part(part)
-        compiled = await self.run_in_worker(load_and_warm, directory, entry, self.settings.max_batch)
+        compiled = await self.run_in_worker(load_and_warm, directory, entry, self.settings.max_batch,
+                                             self.settings.intra_op_threads)
         hp = HostedPart(deployment, entry, compiled, replica, replicas, done_cache=self.settings.done_cache,
                         join_buffer=self.settings.join_buffer, slowdown=self.slowdown,
                         answers=answers_alone(manifest, part))

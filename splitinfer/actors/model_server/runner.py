@@ -1,4 +1,4 @@
-"""Running a part: TensorFlow's thread pools as the settings say, a part loaded and traced before it serves, and
+"""Running a part: TensorFlow's thread pools (and each ONNX Runtime session's) as the settings say, a part loaded and traced before it serves, and
 the emulated slowdown of a slower device. The model server calls these in its worker thread."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from splitinfer import _tf  # noqa: F401  (quiet TensorFlow import: a model serv
 import tensorflow as tf
 
 from splitinfer.config import Settings
-from splitinfer.splitter.build import CompiledPart, random_inputs
+from splitinfer.splitter.runtimes import load_part
+from splitinfer.splitter.tensors import random_inputs
 from splitinfer.splitter.manifest import PartEntry
 
 
@@ -23,9 +24,10 @@ def configure_tf(settings: Settings) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
 
 
-def load_and_warm(directory: Path, entry: PartEntry, max_batch: int) -> CompiledPart:
-    """Load the part (safe_mode, sha256-checked), then trace it so the first request doesn't pay for it."""
-    part = CompiledPart.from_entry(directory, entry)
+def load_and_warm(directory: Path, entry: PartEntry, max_batch: int, threads: int | None = None):
+    """Load the part on the runtime its entry names (sha256-checked; a .keras file with safe_mode), then run it
+    so the first request doesn't pay for tracing or the runtime's first-call set-up."""
+    part = load_part(directory, entry, threads=threads)
     part(random_inputs(entry.inputs, 1, 0))
     if max_batch > 1:  # a second batch size makes reduce_retracing generalise the batch dimension once
         part(random_inputs(entry.inputs, 2, 0))

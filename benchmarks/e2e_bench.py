@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import subprocess
@@ -46,13 +45,12 @@ from splitinfer.client import Client
 from splitinfer.config import get_settings
 from splitinfer.harness import (
     ClusterRun,
-    hop_summary,
     local_runner,
     make_split,
-    max_abs_error,
-    measure_distributed,
     measure_local,
     percentile,
+    run_split,
+    summarize,
 )
 from splitinfer.splitter.manifest import Manifest
 
@@ -110,32 +108,6 @@ def hop_sizes(manifest: Manifest) -> dict[str, int]:
     sizes = {p.name: sum(nbytes(t) for t in p.inputs) for p in manifest.parts}
     sizes["answer"] = sum(nbytes(t) for t in manifest.outputs)
     return sizes
-
-
-async def run_split(c: Client, split: Path, xs: list, placement, concurrency: int, deployment: str) -> dict:
-    dep = await c.deploy(split, placement, deployment=deployment, timeout=600)
-    input_name = dep.inputs[0]
-    await measure_distributed(c, dep.deployment, xs[:3], input_name, 1)  # warm-up
-    seq = await measure_distributed(c, dep.deployment, xs, input_name, 1)
-    par = await measure_distributed(c, dep.deployment, xs, input_name, concurrency)
-    return {"deployment": dep.deployment, "placement": dep.placement, "seq": seq, "par": par}
-
-
-def summarize(r: dict, local: dict, loc_med: float) -> dict:
-    med = percentile(r["seq"]["latency"], 50) * 1e3
-    batches = collections.Counter(h.batch for res in r["par"]["results"] for h in res.hops
-                                  if h.part.startswith("part"))
-    return {
-        "deployment": r["deployment"], "placement": r["placement"],
-        "latency_median_ms": med, "latency_p99_ms": percentile(r["seq"]["latency"], 99) * 1e3,
-        "latency_vs_local": med / loc_med,
-        "throughput_per_s": r["par"]["throughput"], "throughput_c1_per_s": r["seq"]["throughput"],
-        "throughput_vs_local": r["par"]["throughput"] / local["throughput"],
-        "max_abs_error": max(max_abs_error(r["seq"]["results"], local["outputs"]),
-                             max_abs_error(r["par"]["results"], local["outputs"])),
-        "hops": hop_summary(r["seq"]["results"]),
-        "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
-    }
 
 
 async def run(args, say) -> dict:

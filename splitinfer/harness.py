@@ -5,6 +5,7 @@ made the way `splitinfer split --parts` makes it, the unsplit model as one compi
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
 import time
 import warnings
@@ -30,15 +31,16 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
 
 
-def make_split(model: str, parts: int, out: Path, seed: int = 0):
-    """Split `model` into `parts` parts balanced by FLOPs (what `splitinfer split --parts` does)."""
+def make_split(model: str, parts: int, out: Path, seed: int = 0, exports: tuple[str, ...] = ()):
+    """Split `model` into `parts` parts balanced by FLOPs (what `splitinfer split --parts` does), each part also
+    saved in the `exports` formats."""
     from splitinfer.monitor import node_flops  # lazy: loads TensorFlow
-    from splitinfer.splitter import ModelGraph, balanced_cuts, load_source_model, save_split, split_at_cuts
+    from splitinfer.splitter import balanced_cuts, load_graph, save_split, split_at_cuts
 
-    graph = ModelGraph(load_source_model(model, seed=seed))
+    graph = load_graph(model, seed=seed)
     specs = split_at_cuts(graph, balanced_cuts(graph, node_flops(graph), parts)) if parts > 1 else \
         split_at_cuts(graph, [])
-    return save_split(graph, specs, out, origin=model)
+    return save_split(graph, specs, out, origin=model, exports=exports)
 
 
 def local_runner(split_dir: Path):
@@ -128,6 +130,34 @@ def hop_summary(results: list[ResultMessage]) -> list[dict]:
         return (2, 0)
 
     return sorted(rows, key=order)
+
+
+async def run_split(c: Client, split: Path, xs: list, placement, concurrency: int, deployment: str) -> dict:
+    """Deploy the split as placed, then its jobs one at a time (latency) and `concurrency` at a time (throughput)."""
+    dep = await c.deploy(split, placement, deployment=deployment, timeout=600)
+    input_name = dep.inputs[0]
+    await measure_distributed(c, dep.deployment, xs[:3], input_name, 1)  # warm-up
+    seq = await measure_distributed(c, dep.deployment, xs, input_name, 1)
+    par = await measure_distributed(c, dep.deployment, xs, input_name, concurrency)
+    return {"deployment": dep.deployment, "placement": dep.placement, "seq": seq, "par": par}
+
+
+def summarize(r: dict, local: dict, loc_med: float) -> dict:
+    """A run_split run against the local baseline: latency, throughput, error, hops, the batch sizes that formed."""
+    med = percentile(r["seq"]["latency"], 50) * 1e3
+    batches = collections.Counter(h.batch for res in r["par"]["results"] for h in res.hops
+                                  if h.part.startswith("part"))
+    return {
+        "deployment": r["deployment"], "placement": r["placement"],
+        "latency_median_ms": med, "latency_p99_ms": percentile(r["seq"]["latency"], 99) * 1e3,
+        "latency_vs_local": med / loc_med,
+        "throughput_per_s": r["par"]["throughput"], "throughput_c1_per_s": r["seq"]["throughput"],
+        "throughput_vs_local": r["par"]["throughput"] / local["throughput"],
+        "max_abs_error": max(max_abs_error(r["seq"]["results"], local["outputs"]),
+                             max_abs_error(r["par"]["results"], local["outputs"])),
+        "hops": hop_summary(r["seq"]["results"]),
+        "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
+    }
 
 
 class ClusterRun:

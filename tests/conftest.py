@@ -9,7 +9,8 @@
   CLI runners, actor clusters and the test driver, small models, planner cases.
 
 Every test run gets its own broker namespace (`run_prefix`, `namespace`) so runs never collide, and whatever the run
-left on the broker is deleted at the end. Exhaustive sweeps are marked `slow` and run with --runslow. Fixtures
+left on the broker is deleted at the end. Exhaustive sweeps are marked `slow` and run with --runslow; tests that export PyTorch models are marked `torch` and
+run with --runtorch (after `pip install -e .[torch]`). Fixtures
 shared by several files are defined here, so a session-scoped one is built once per run.
 """
 
@@ -29,6 +30,8 @@ KIND_ORDER = ("unit", "integration", "e2e")
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run exhaustive sweeps marked slow")
+    parser.addoption("--runtorch", action="store_true", default=False,
+                     help="run the tests marked torch (they need the torch extra: pip install -e .[torch])")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,12 +41,14 @@ def pytest_collection_modifyitems(config, items):
         return KIND_ORDER.index(folder) if folder in KIND_ORDER else len(KIND_ORDER)
 
     items.sort(key=kind)
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="exhaustive sweep: opt in with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    opt_in = {"slow": ("--runslow", "exhaustive sweep"), "torch": ("--runtorch", "exports a PyTorch model")}
+    for marker, (option, why) in opt_in.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: opt in with {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -58,10 +58,16 @@ def split(
     partition: Optional[Path] = typer.Option(None, "--partition", help="JSON {operation: group}: any acyclic partition"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),
     seed: int = typer.Option(0, help="seed for the random weights of keras.applications models"),
+    runtimes: Optional[str] = typer.Option(
+        None, "--runtimes", help="runtimes to give each part a file for, comma separated: tf, onnxruntime, litert "
+                                 "(default: the model's own: tf for Keras, onnxruntime for ONNX)"),
+    runtime: str = typer.Option("auto", "--runtime", help="the runtime servers run each part on: auto (the fastest "
+                                                          "measured here, per part) or one of --runtimes"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ):
     """Split MODEL into parts that compose back exactly, and write them with a manifest."""
     from splitinfer.splitter import save_split  # lazy: loads TensorFlow
+    from splitinfer.splitter.manifest import RUNTIME_FORMATS
 
     chosen = [x is not None for x in (parts, cuts, partition)]
     if sum(chosen) != 1:
@@ -72,7 +78,18 @@ def split(
         raise UserError(f"--out {out} exists and is not a directory")
     cut_list = _parse_cuts(cuts) if cuts is not None else None
     groups = _parse_partition(partition) if partition is not None else None
+    wanted = [r.strip() for r in (runtimes or "").split(",") if r.strip()]
+    unknown = [r for r in [*wanted, runtime] if r not in RUNTIME_FORMATS and r != "auto"]
+    if unknown:
+        raise UserError(f"unknown runtime {unknown[0]!r}: use {', '.join(RUNTIME_FORMATS)}")
+    if runtime != "auto" and wanted and runtime not in wanted:
+        raise UserError(f"--runtime {runtime} is not one of --runtimes {runtimes}")
     graph = _load_graph(model, input_shape, seed)
+    own = "onnxruntime" if model.endswith(".onnx") else "tf"
+    if model.endswith(".onnx") and any(r != own for r in [*wanted, runtime] if r != "auto"):
+        raise UserError("an ONNX model's parts run on onnxruntime only")
+    wanted = list(dict.fromkeys([own, *wanted, *([runtime] if runtime != "auto" else [])]))
+    exports = [RUNTIME_FORMATS[r] for r in wanted if r != own]
     if parts is not None:
         from splitinfer.monitor import node_flops  # lazy: loads TensorFlow
 
@@ -86,18 +103,27 @@ def split(
     with progress_bar(as_json) as progress:
         task = progress.add_task("saving parts", total=len(specs))
         try:
-            manifest = save_split(graph, specs, out, origin=model, progress=lambda _: progress.advance(task))
+            manifest = save_split(graph, specs, out, origin=model, progress=lambda _: progress.advance(task),
+                                  exports=exports)
         except OSError as exc:
             raise UserError(f"cannot write the split to {out}: {exc.strerror or exc}") from None
+        if len(wanted) > 1:
+            from splitinfer.monitor.backends import choose_runtimes, measure_runtimes
+
+            task = progress.add_task("timing each part on each runtime", total=len(specs))
+            measured = measure_runtimes(out, manifest, wanted, threads=get_settings().intra_op_threads,
+                                        progress=lambda _: progress.advance(task))
+            choose_runtimes(manifest, measured, None if runtime == "auto" else runtime).save(out)
     if as_json:
         print(json.dumps({"split_id": manifest.split_id, "out": str(out), "parts": _part_rows(manifest)}))
         return
     table = Table(title=f"{manifest.source.name} in {len(manifest.parts)} parts -> {out}")
-    for col in ("part", "ops", "inputs", "outputs", "out bytes"):
+    for col in ("part", "ops", "inputs", "outputs", "out bytes", "runtime"):
         table.add_column(col, justify="right" if col in ("ops", "out bytes") else "left")
     for row in _part_rows(manifest):
+        times = ", ".join(f"{r} {ms:.2f} ms" for r, ms in row["runtime_ms"].items())
         table.add_row(row["name"], str(row["operations"]), ", ".join(row["inputs"]), ", ".join(row["outputs"]),
-                      f"{row['output_bytes']:,}")
+                      f"{row['output_bytes']:,}", row["runtime"] + (f" ({times})" if times else ""))
     console.print(table)
 
 
@@ -112,6 +138,9 @@ def _part_rows(manifest) -> list[dict]:
             "inputs": [t.name for t in p.inputs],
             "outputs": [t.name for t in p.outputs],
             "output_bytes": sum(nbytes(t) for t in p.outputs),
+            "format": p.format,
+            "runtime": p.runtime_name,
+            "runtime_ms": p.runtime_ms,
         }
         for p in manifest.parts
     ]

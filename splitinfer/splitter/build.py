@@ -6,6 +6,7 @@ import collections
 import contextlib
 import io
 import logging
+import warnings
 import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from splitinfer.splitter.manifest import (
     SOURCE_FILE,
     Manifest,
     PartEntry,
+    PartFile,
     PartOutput,
     SourceModel,
     TensorSpec,
@@ -33,6 +35,7 @@ from splitinfer.splitter.manifest import (
 )
 from splitinfer.splitter.partition import PartSpec, split_id_of
 from splitinfer.splitter.runtimes import load_parts
+from splitinfer.splitter.tensors import random_array, tensor_error
 from splitinfer.splitter.verify import compare_split, handed_over, runtime_sets
 
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
@@ -183,8 +186,10 @@ def save_split(
     out_dir: Path,
     origin: str,
     progress: Callable[[str], None] | None = None,
+    exports: Sequence[str] = (),
 ) -> Manifest:
-    """Build, save and hash every part, save the source model for verify, and write the manifest."""
+    """Build, save and hash every part, save the source model for verify, and write the manifest. `exports`: other
+    formats to save each part in too ("onnx", "tflite"), for the runtimes that run them."""
     if not isinstance(graph, ModelGraph):
         from splitinfer.splitter.onnx_build import save_onnx_split
 
@@ -199,25 +204,23 @@ def save_split(
     finals = set(graph.outputs)
     entries = []
     for p in parts:
-        model = build_part(graph, p)
-        fname = f"{p.name}.keras"
-        model.save(out / fname)
+        files = save_part(build_part(graph, p), out, p.name, exports)
         entries.append(
             PartEntry(
                 name=p.name,
-                file=fname,
-                sha256=file_sha256(out / fname),
                 inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in p.inputs],
                 outputs=[
                     PartOutput(**graph.tensors[t].to_json(), consumers=consumers.get(t, []), final=t in finals)
                     for t in p.outputs
                 ],
                 operations=list(p.nodes),
+                **files,
             )
         )
         if progress:
             progress(p.name)
     graph.model.save(out / SOURCE_FILE)
+    source_packages, _ = layer_packages(graph.model)
     manifest = Manifest(
         split_id=split_id_of(source_hash, parts),
         source=SourceModel(
@@ -226,6 +229,7 @@ def save_split(
             origin=origin,
             file=SOURCE_FILE,
             file_sha256=file_sha256(out / SOURCE_FILE),
+            packages=source_packages,
         ),
         inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.inputs],
         outputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.outputs],
@@ -236,8 +240,97 @@ def save_split(
     return manifest
 
 
-def load_part_model(path: Path, expected_sha256: str | None = None) -> keras.Model:
-    """Load one saved part with safe_mode=True, refusing a file whose hash does not match the manifest."""
+# packages whose Keras layers a part may need registered before it loads: imported by name on the servers, so only
+# these (no arbitrary code); a part using layers of any other module is saved as ONNX instead
+LAYER_PACKAGES = ("keras_hub", "keras_nlp", "keras_cv", "keras_rs")
+EXPORTERS = {"onnx": lambda model, path: export_onnx(model, path), "tflite": lambda model, path: export_litert(model, path)}
+
+
+def layer_packages(model: keras.Model) -> tuple[list[str], list[str]]:
+    """(allow-listed packages its layers come from, other modules its layers come from)."""
+    roots = {type(layer).__module__.split(".")[0] for layer in _all_layers(model)}
+    roots -= {"keras", "splitinfer"}
+    return sorted(roots & set(LAYER_PACKAGES)), sorted(roots - set(LAYER_PACKAGES))
+
+
+def _all_layers(model) -> list:
+    found, stack = [], list(getattr(model, "layers", []))
+    while stack:
+        layer = stack.pop()
+        found.append(layer)
+        stack.extend(getattr(layer, "layers", None) or [])
+        stack.extend(getattr(layer, "_layers", None) or [])
+    return found
+
+
+def import_layer_packages(packages: Sequence[str]) -> None:
+    """Import the allow-listed packages a part's manifest entry names, so their layers are registered."""
+    import importlib
+
+    for name in packages:
+        if name not in LAYER_PACKAGES:
+            raise SplitError(f"a part asks for package {name!r}, not one of {', '.join(LAYER_PACKAGES)}")
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SplitError(f"a part needs the {name} package: pip install {name.replace('_', '-')}") from None
+
+
+def _reload_problem(model: keras.Model, path: Path, foreign: list[str]) -> str | None:
+    """Why the saved .keras would not load on a server as the model it came from (None if it does): a layer
+    of a module a server cannot import by name, a config the layer's own from_config rejects (keras-hub's
+    ViTPatchingAndEmbedding), or a reloaded model that computes something else."""
+    if foreign:
+        return f"its layers come from {', '.join(foreign)}, which a server does not import"
+    try:
+        loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the answer
+        return error_line(exc)
+    xs = [random_array(np.random.default_rng(0), [1 if d is None else d for d in kt.shape], kt.dtype)
+          for kt in model.inputs]
+    xs = _as_called(model, xs)
+    try:
+        want, got = tree.flatten(model(xs, training=False)), tree.flatten(loaded(xs, training=False))
+    except Exception as exc:  # noqa: BLE001
+        return error_line(exc)
+    if any(tensor_error(np.asarray(g), np.asarray(w)) > 1e-5 for g, w in zip(got, want)):
+        return "the reloaded part computes something else"
+    return None
+
+
+def save_part(model: keras.Model, out: Path, name: str, exports: Sequence[str] = ()) -> dict:
+    """Save one part as `<name>.keras`, checked to reload as itself; one that does not (see _reload_problem) is
+    saved as ONNX instead, which depends on no layer config. Returns the PartEntry fields for its files."""
+    packages, foreign = layer_packages(model)
+    unknown = [f for f in exports if f not in EXPORTERS]
+    if unknown:
+        raise SplitError(f"unknown export format {unknown[0]!r}: use {', '.join(EXPORTERS)}")
+    path = out / f"{name}.keras"
+    model.save(path)
+    problem = _reload_problem(model, path, foreign)
+    fields: dict = {"file": path.name, "sha256": file_sha256(path), "format": "keras", "packages": packages}
+    if problem is not None:
+        path.unlink()
+        onnx_path = out / f"{name}.onnx"
+        try:
+            export_onnx(model, onnx_path)
+        except SplitError as exc:
+            raise SplitError(f"part {name} does not reload from .keras ({problem}) and {exc}") from None
+        fields = {"file": onnx_path.name, "sha256": file_sha256(onnx_path), "format": "onnx", "packages": [],
+                  "note": f"saved as ONNX: its .keras does not reload ({problem})"}
+    fields["exports"] = {}
+    for fmt in exports:
+        if fmt == fields["format"]:
+            continue
+        target = out / f"{name}.{fmt}"
+        EXPORTERS[fmt](model, target)
+        fields["exports"][fmt] = PartFile(file=target.name, sha256=file_sha256(target))
+    return fields
+
+
+def load_part_model(path: Path, expected_sha256: str | None = None, packages: Sequence[str] = ()) -> keras.Model:
+    """Load one saved part with safe_mode=True (the allow-listed `packages` its layers need imported first),
+    refusing a file whose hash does not match the manifest."""
     path = Path(path)
     if not path.exists():
         raise SplitError(f"part file missing: {path}")
@@ -245,10 +338,27 @@ def load_part_model(path: Path, expected_sha256: str | None = None) -> keras.Mod
         raise SplitError(f"part file {path} is not a file")
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise SplitError(f"part file {path} does not match the manifest's sha256")
+    import_layer_packages(packages)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:
         raise SplitError(f"cannot load part {path}: {error_line(exc)}") from None
+
+
+def _as_called(model: keras.Model, values: list):
+    """Values for the model's inputs in the structure it was built with (a list of one, for a part)."""
+    return tree.pack_sequence_as(model._inputs_struct, values)
+
+
+def export_litert(model: keras.Model, path: Path) -> Path:
+    """A Keras model as a LiteRT (.tflite) flatbuffer, for the litert runtime of phone-class devices."""
+    path = Path(path)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.export(str(path), format="litert", verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the converter fails in many ways on ops it cannot convert
+        raise SplitError(f"cannot convert {model.name} to LiteRT: {error_line(exc)}") from None
+    return path
 
 
 def export_onnx(model: keras.Model, path: Path) -> Path:
@@ -257,21 +367,49 @@ def export_onnx(model: keras.Model, path: Path) -> Path:
     path = Path(path)
     if not getattr(model, "_called", False):
         shapes = [[1 if d is None else d for d in kt.shape] for kt in model.inputs]
-        xs = [np.zeros(s, kt.dtype) for s, kt in zip(shapes, model.inputs)]
-        model(xs[0] if len(xs) == 1 else xs, training=False)
+        model(_as_called(model, [np.zeros(s, kt.dtype) for s, kt in zip(shapes, model.inputs)]), training=False)
     quiet = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
     levels = [logger.level for logger in quiet]
     try:
         for logger in quiet:
             logger.setLevel(logging.CRITICAL)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             model.export(str(path), format="onnx", verbose=False)
     except Exception as exc:  # noqa: BLE001 - tf2onnx fails in many ways on ops it cannot convert
         raise SplitError(f"cannot export {model.name} to ONNX: {error_line(exc)}") from None
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+    _captures_as_weights(model, path)
     return path
+
+
+def _captures_as_weights(model: keras.Model, path: Path) -> None:
+    """tf2onnx turns a constant tensor a layer made eagerly and its call captures (keras-hub's position ids) into
+    an extra graph input; put its value in as a weight, so the file takes the model's inputs only."""
+    import onnx
+    from keras.src.export.export_utils import get_input_signature, make_tf_tensor_spec
+    from keras.src.export.onnx import get_concrete_fn
+
+    exported = onnx.load(str(path))
+    extra = [i.name for i in exported.graph.input][len(model.inputs):]
+    if not extra:
+        return
+    signature = tree.map_structure(make_tf_tensor_spec, get_input_signature(model))
+    fn = get_concrete_fn(model, signature)
+    fn = fn.get_concrete_function(*signature) if hasattr(fn, "get_concrete_function") else fn
+    values = {t.name: v for t, v in zip(fn.graph.internal_captures, fn.captured_inputs) if v.dtype != tf.resource}
+    missing = [name for name in extra if name not in values]
+    if missing:
+        raise SplitError(f"cannot export {model.name} to ONNX: it takes {missing[0]!r} besides the model's inputs")
+    from onnx import numpy_helper
+
+    kept = [i for i in exported.graph.input if i.name not in extra]
+    del exported.graph.input[:]
+    exported.graph.input.extend(kept)
+    exported.graph.initializer.extend(numpy_helper.from_array(np.asarray(values[n]), n) for n in extra)
+    onnx.save(exported, str(path))
 
 
 class CompiledPart:
@@ -351,7 +489,7 @@ def verify_split(directory: Path, samples: int = 2, seed: int = 0, batch: int = 
         from splitinfer.splitter.onnx_build import verify_onnx_split
 
         return verify_onnx_split(directory, manifest, source_path, samples, seed, batch)
-    source = load_part_model(source_path)
+    source = load_part_model(source_path, packages=manifest.source.packages)
     graph = ModelGraph(source)
     tensors = handed_over(manifest)
     unknown = [t for t in tensors + graph.inputs if t not in graph.tensors]

@@ -60,6 +60,11 @@ class PartEntry(BaseModel):
         default_factory=dict, description="the same part in other formats (format -> file), for other runtimes")
     runtime: Literal["tf", "onnxruntime", "litert"] | None = Field(
         None, description="the runtime servers run it on; None: its format's own (tf for keras, ...)")
+    runtime_ms: dict[str, float] = Field(
+        default_factory=dict, description="its latency at batch 1 on each runtime, measured where it was split")
+    packages: list[str] = Field(
+        default_factory=list, description="allow-listed packages whose layers it needs imported (build.LAYER_PACKAGES)")
+    note: str | None = Field(None, description="why it is saved as it is, when that is not the default")
 
     @property
     def runtime_name(self) -> str:
@@ -92,6 +97,7 @@ class SourceModel(BaseModel):
     sha256: str = Field(description="model_hash: architecture and weights")
     origin: str = Field(description="the .keras or .onnx path or keras.applications:NAME it came from")
     format: Literal["keras", "onnx"] = "keras"
+    packages: list[str] = Field(default_factory=list, description="allow-listed packages its layers need imported")
     file: str | None = Field(SOURCE_FILE, description="the full model saved next to the parts, for verify")
     file_sha256: str | None = None
 

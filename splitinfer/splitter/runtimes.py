@@ -137,7 +137,7 @@ def load_part(directory: Path, entry: PartEntry, runtime: str | None = None, thr
         return LiteRtPart(path, inputs, outputs, threads, label=entry.name)
     from splitinfer.splitter.build import CompiledPart, load_part_model  # lazy: loads TensorFlow
 
-    return CompiledPart(load_part_model(path), inputs, outputs)
+    return CompiledPart(load_part_model(path, packages=entry.packages), inputs, outputs)
 
 
 def load_parts(directory: Path, manifest: Manifest, runtime: str | None = None, threads: int | None = None) -> list:

@@ -78,6 +78,13 @@ def tiny(tmp_path_factory):
         (d / "part0.keras").mkdir()
 
     damaged("partdir", part_dir)
+
+    def runtime_without_file(d):
+        m = json.loads((d / "manifest.json").read_text())
+        m["parts"][0]["runtime"] = "onnxruntime"
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    damaged("runtime_without_file", runtime_without_file)
     return root
 
 
@@ -112,6 +119,10 @@ def tiny(tmp_path_factory):
         (["verify", "{t}/escape"], "not a plain file name"),
         (["verify", "{t}/partdir"], "is not a file"),
         (["verify", "{t}/afile"], "invalid manifest"),
+        (["split", "{t}/tiny.keras", "--parts", "2", "--runtimes", "tf,tvm", "-o", "{t}/o"], "unknown runtime 'tvm'"),
+        (["split", "{t}/tiny.keras", "--parts", "2", "--runtimes", "tf", "--runtime", "litert", "-o", "{t}/o"],
+         "is not one of --runtimes"),
+        (["verify", "{t}/runtime_without_file"], "has no onnx file"),
     ],
 )
 def test_bad_input_in_process_is_one_line(tiny, args, needle):
@@ -139,3 +150,31 @@ def test_cuts_with_spaces_duplicates_and_in_any_order_are_accepted(tiny):
     assert [p["outputs"] for p in json.loads(result.stdout)["parts"]] == [["r1:0"], ["gap:0"], ["head:0"]]
     result = CliRunner().invoke(app, ["verify", str(out), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["max_abs_error"] == 0.0
+
+
+def test_parts_get_a_file_per_runtime_the_fastest_measured_is_chosen_and_every_runtime_verifies(tiny):
+    from typer.testing import CliRunner
+
+    from splitinfer.cli import app
+    from splitinfer.splitter.manifest import Manifest
+
+    out = tiny / "runtimes"
+    result = CliRunner().invoke(app, ["split", str(tiny / "tiny.keras"), "--cuts", "r1:0", "-o", str(out),
+                                      "--runtimes", "tf,onnxruntime", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.load(out)
+    for part in manifest.parts:
+        assert part.format == "keras" and set(part.exports) == {"onnx"} and (out / part.exports["onnx"].file).is_file()
+        assert set(part.runtime_ms) == {"tf", "onnxruntime"} and all(ms > 0 for ms in part.runtime_ms.values())
+        assert part.runtime == min(part.runtime_ms, key=part.runtime_ms.get)
+    rows = json.loads(result.stdout)["parts"]
+    assert [r["runtime"] for r in rows] == [p.runtime for p in manifest.parts]
+    result = CliRunner().invoke(app, ["verify", str(out), "--json", "--tolerance", "1e-5"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and set(report["per_runtime"]) == {"tf", "onnxruntime"}, result.output
+    # a runtime fixed by the user wins over the measurement
+    fixed = tiny / "fixed"
+    result = CliRunner().invoke(app, ["split", str(tiny / "tiny.keras"), "--cuts", "r1:0", "-o", str(fixed),
+                                      "--runtime", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    assert {p.runtime for p in Manifest.load(fixed).parts} == {"onnxruntime"}

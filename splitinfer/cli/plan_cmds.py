@@ -62,7 +62,8 @@ def plan_table_rows(table: dict) -> Table:
         out.add_column(col, justify="right" if col in ("latency ms", "device energy mJ", "fidelity",
                                                        "throughput /s") else "left", overflow="fold")
     for p in table["plans"]:
-        route = " -> ".join(part["server"] for part in p["parts"])
+        route = " -> ".join(part["server"] + (f" [{part['runtime']}]" if part.get("runtime") else "")
+                            for part in p["parts"])
         codec = ", ".join(f"{t}:{c}" for t, c in p["compression"].items())
         cuts = ", ".join(p["cuts"][:3]) + (f" (+{len(p['cuts']) - 3})" if len(p["cuts"]) > 3 else "")
         star = " *" if p["id"] == table.get("primary") else ""

@@ -48,7 +48,7 @@ from splitinfer.splitter.errors import SplitError
 from splitinfer.splitter.partition import split_at_cuts
 
 PROFILE_FORMAT = "splitinfer.profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: segments timed on every runtime too
 
 Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
 
@@ -117,6 +117,9 @@ class SegmentProfile(BaseModel):
     measured_ms: float = Field(description="median time of the compiled segment, call overhead included")
     iqr_ms: float
     compute_ms: float = Field(description="measured_ms minus call_overhead_ms (>= 0)")
+    runtime_ms: dict[str, float] = Field(
+        default_factory=dict, description="median time of the segment on each other runtime it could be exported "
+                                          "to (onnxruntime, litert), call included, measured in the same rounds")
 
 
 class CostFit(BaseModel):
@@ -182,6 +185,20 @@ class ModelProfile(ModelDocument):
             if c.tensor == tensor:
                 return c
         raise KeyError(tensor)
+
+    def runtime_op_seconds(self) -> dict[str, dict[str, float]]:
+        """Every operation's seconds on each runtime measured ("tf": op_seconds), scaled from tf by its segment's
+        ratio of times: runtime -> operation -> seconds. A runtime has no entry for the operations of a segment it
+        could not run."""
+        tf_seconds = self.op_seconds()
+        out: dict[str, dict[str, float]] = {"tf": tf_seconds}
+        segment_of = {o.name: o.segment for o in self.ops if not o.is_input}
+        for seg in self.segments:
+            for runtime, ms in seg.runtime_ms.items():
+                factor = ms / seg.measured_ms if seg.measured_ms > 0 else 1.0
+                costs = out.setdefault(runtime, {})
+                costs.update({n: tf_seconds[n] * factor for n, i in segment_of.items() if i == seg.index})
+        return out
 
     def op_seconds(self) -> dict[str, float]:
         """Attributed latency of every compute operation in seconds on the profiled machine: node costs for the
@@ -265,6 +282,40 @@ def _compile_chain(graph, specs, values: dict, compiled: Callable[[int], None] |
     return calls
 
 
+def _other_runtimes() -> list[str]:
+    from splitinfer.splitter.runtimes import available_runtimes
+
+    return [r for r in available_runtimes() if r != "tf"]
+
+
+def _runtime_calls(graph, specs, values: dict, runtime: str) -> dict[int, Call]:
+    """Segment index -> a call running that segment on `runtime` (exported to its format, in a scratch
+    directory), on the same inputs as its tf call. A segment that fails to export or to run is left out."""
+    import tempfile
+
+    from splitinfer.config import get_settings
+    from splitinfer.splitter.build import EXPORTERS, build_part
+    from splitinfer.splitter.manifest import RUNTIME_FORMATS
+    from splitinfer.splitter.runtimes import LiteRtPart, OnnxPart
+
+    fmt = RUNTIME_FORMATS[runtime]
+    runner = OnnxPart if runtime == "onnxruntime" else LiteRtPart
+    threads = get_settings().intra_op_threads
+    calls: dict[int, Call] = {}
+    with tempfile.TemporaryDirectory(prefix="splitinfer-profile-") as tmp:
+        for i, spec in enumerate(specs):
+            path = Path(tmp) / f"segment{i}.{fmt}"
+            try:
+                EXPORTERS[fmt](build_part(graph, spec), path)
+                part = runner(path, spec.inputs, spec.outputs, threads, label=f"segment {i}")
+                args = [np.asarray(values[t]) for t in spec.inputs]
+                part(dict(zip(spec.inputs, args)))
+            except Exception:  # noqa: BLE001 - this runtime cannot take this segment: the planner keeps it on others
+                continue
+            calls[i] = (lambda *xs, part=part, names=spec.inputs: part(dict(zip(names, xs))), args)
+    return calls
+
+
 def _random_values(graph, batch: int, seed: int) -> dict:
     """Random model inputs at `batch` as TF tensors (splitter.tensors.random_array, one generator seeded by `seed`)."""
     import tensorflow as tf  # lazy: loads TensorFlow
@@ -314,9 +365,11 @@ def build_profile(
     model_hash: str | None = None,
     seed: int = 0,
     clock: Literal["wall", "cpu"] | None = None,
+    runtimes: Iterable[str] | None = None,
 ) -> ModelProfile:
     """Measure `graph` (a splitter ModelGraph) on this machine now. See the module docstring for the method.
-    `clock` defaults to timing.default_clock(): CPU time when TF is single-threaded, else wall clock."""
+    `clock` defaults to timing.default_clock(): CPU time when TF is single-threaded, else wall clock. `runtimes`:
+    the runtimes besides tf to time the segments on (default: every one installed)."""
     import tensorflow as tf  # lazy: loads TensorFlow
 
     from splitinfer.monitor.flops import node_flops, whole_model_profiler_flops  # lazy: loads TensorFlow
@@ -388,11 +441,24 @@ def build_profile(
     tick("compiling the whole model")
     calls = [trivial_call(), *whole]
     calls += _compile_chain(graph, specs, values, lambda k: tick(f"compiling segment {k}/{len(specs)}"))
+    # the same segments on the other runtimes (a segment a runtime cannot take is left out), timed in rounds of
+    # their own after tf's: another runtime's threads would bill tf's calls for their time on the CPU clock
+    other = {r: _runtime_calls(graph, specs, values, r) for r in (runtimes if runtimes is not None else
+                                                                  _other_runtimes())}
+    other_calls: list[Call] = []
+    runtime_index: dict[str, dict[int, int]] = {}
+    for r, seg_calls in other.items():
+        for i, call in seg_calls.items():
+            runtime_index.setdefault(r, {})[i] = len(other_calls)
+            other_calls.append(call)
     report("warming up", step, total_steps)
 
     clock = clock or default_clock()
     wall, cpu = interleaved_both(calls, rounds, warmup, on_round=lambda r: tick(f"measuring round {r}/{rounds}"))
     times = cpu if clock == "cpu" else wall
+    if other_calls:
+        other_wall, other_cpu = interleaved_both(other_calls, rounds, warmup)
+        other_times = other_cpu if clock == "cpu" else other_wall
     overhead = median(times[0])
     whole_ms, whole_iqr = median(times[1]), iqr(times[1])
 
@@ -431,6 +497,7 @@ def build_profile(
             index=i, first=spec.nodes[0], last=spec.nodes[-1], ops=len(spec.nodes),
             ends_at=boundaries[i] if i < len(boundaries) else None, flops=row["flops"], bytes_moved=row["bytes"],
             measured_ms=row["measured_ms"], iqr_ms=row["iqr_ms"], compute_ms=row["compute_ms"],
+            runtime_ms={r: median(other_times[idx[i]]) for r, idx in runtime_index.items() if i in idx},
         ))
 
     total_flops = sum(o.flops for o in ops)

@@ -38,6 +38,7 @@ def cost_graph_from(
     *,
     unit: Literal["flops", "seconds"] = "flops",
     param_bytes: Mapping[str, int] | None = None,
+    runtime_costs: Mapping[str, Mapping[str, float]] | None = None,
 ) -> CostGraph:
     """The planner's view of a ModelGraph: every compute node with its cost (node_costs[name], FLOPs by default,
     e.g. splitinfer.monitor.node_flops(graph, batch)), the bytes of every tensor at `batch`, the weights each node
@@ -66,6 +67,7 @@ def cost_graph_from(
         unit=unit,
         incompressible=incompressible,
         name=graph.name,
+        runtime_costs=runtime_costs,
     )
 
 
@@ -75,6 +77,10 @@ MIN_OP_SECONDS = 1e-6  # an operation measured at 0 still costs something, so a 
 def cost_graph_from_profile(graph: ModelGraph, profile) -> CostGraph:
     """The planner's view with each operation's measured seconds on the profiling machine (a monitor.ModelProfile
     of this graph): the unit the optimizer plans in, so a server's speed is a factor over that machine."""
-    seconds = profile.op_seconds()
-    return cost_graph_from(graph, {n: max(s, MIN_OP_SECONDS) for n, s in seconds.items()}, profile.batch,
-                           unit="seconds")
+    per_runtime = {r: {n: max(s, MIN_OP_SECONDS) for n, s in costs.items()}
+                   for r, costs in profile.runtime_op_seconds().items()}
+    # a node's own cost: its least over the runtimes (what the planners optimise); each part then runs on the
+    # runtime its nodes cost least on together (CostGraph.part_runtime)
+    best = {n: min(costs[n] for costs in per_runtime.values() if n in costs) for n in per_runtime["tf"]}
+    return cost_graph_from(graph, best, profile.batch, unit="seconds",
+                           runtime_costs=per_runtime if len(per_runtime) > 1 else None)

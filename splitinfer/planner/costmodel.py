@@ -1,7 +1,8 @@
 """The cost model every planner and every plan prediction uses.
 
 - Compute: a part's time on server s is its cost / effective speed, effective speed = speed x (1 - load)
-  (speed in GFLOP/s for costs in FLOPs, a factor for costs in reference seconds).
+  (speed in GFLOP/s for costs in FLOPs, a factor for costs in reference seconds); with runtimes measured, its
+  cost on the server's runtime its operations cost least on together (CostGraph.part_runtime).
 - Transfer: tensors sent from server a to server b (a != b) as one hop cost
   rtt(site a, site b) + sum over the tensors of (bytes / bandwidth + broker per-message + broker per-byte x bytes):
   they share the link, each is its own RabbitMQ message, the receiver waits for all of them. Nothing is paid when
@@ -105,6 +106,7 @@ class Prediction:
     device_radio: float
     memory: dict[str, int]  # weights bytes per server
     fits_memory: bool
+    runtimes: list[str | None] | None = None  # per part: the runtime it runs on (None: the graph measured none)
 
 
 def _bytes(cm: CostModel, t: str, compression: Mapping[str, str]) -> float:
@@ -147,11 +149,15 @@ def evaluate(
         raise PlanError(f"plan leaves {len(missing)} operation(s) unplaced, first {missing[0]!r}")
 
     k = len(parts)
-    cost = [0.0] * k
     params = [0] * k
     for n, i in owner.items():
-        cost[i] += graph.nodes[n].cost
         params[i] += graph.nodes[n].param_bytes
+    runtimes: list[str | None] = []
+    cost = []
+    for server, nodes in parts:
+        runtime, c = graph.part_runtime(nodes, cm.servers[cm.idx[server]].runtimes)
+        runtimes.append(runtime)
+        cost.append(c)
     # incoming tensors per part, grouped by source part (-1: the client's model inputs); each tensor once per part
     incoming: list[dict[int, list[str]]] = [{} for _ in range(k)]
     outgoing_final: list[list[str]] = [[] for _ in range(k)]
@@ -233,4 +239,5 @@ def evaluate(
         device_radio=device_radio,
         memory=memory,
         fits_memory=fits,
+        runtimes=runtimes,
     )

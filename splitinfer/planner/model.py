@@ -69,7 +69,11 @@ class CostGraph(DagQueries):
         unit: Literal["flops", "seconds"] = "flops",
         incompressible: Iterable[str] = (),
         name: str = "model",
+        runtime_costs: Mapping[str, Mapping[str, float]] | None = None,
     ):
+        """`runtime_costs`: each runtime's cost of every operation it can run (runtime -> operation -> cost), when
+        they were measured; a part then runs on the runtime its operations cost least on together (`part_runtime`),
+        and a node's `cost` should be its least over the runtimes (the planners' optimistic figure)."""
         if unit not in ("flops", "seconds"):
             raise PlanError(f"unit must be 'flops' or 'seconds', not {unit!r}")
         self.name = name
@@ -110,6 +114,23 @@ class CostGraph(DagQueries):
         if not self.nodes:
             raise PlanError("the cost graph has no operations")
         self.dag = Dag([(n.name, n.inputs, n.outputs) for n in self.nodes.values()], self.inputs, self.outputs)
+        self.runtime_costs = {r: {n: float(c) for n, c in costs.items()} for r, costs in (runtime_costs or {}).items()}
+        unknown = [n for costs in self.runtime_costs.values() for n in costs if n not in self.nodes]
+        if unknown:
+            raise PlanError(f"runtime costs name unknown operation {unknown[0]!r}")
+
+    def part_runtime(self, nodes: Iterable[str], runtimes: Iterable[str] | None = None) -> tuple[str | None, float]:
+        """(the runtime the operations cost least on together, that cost); (None, the nodes' costs) without
+        measured runtimes. `runtimes`: those the server has (default all)."""
+        nodes = list(nodes)
+        best: tuple[str | None, float] = (None, sum(self.nodes[n].cost for n in nodes))
+        allowed = None if runtimes is None else set(runtimes)
+        choices = [(sum(costs[n] for n in nodes), r) for r, costs in self.runtime_costs.items()
+                   if (allowed is None or r in allowed) and all(n in costs for n in nodes)]
+        if choices:
+            cost, runtime = min(choices)
+            best = (runtime, cost)
+        return best
 
     # -- structure ------------------------------------------------------------------------------------
 
@@ -136,13 +157,15 @@ class CostGraph(DagQueries):
             "nodes": [[n.name, n.cost, list(n.inputs), list(n.outputs), n.param_bytes] for n in self.nodes.values()],
             "tensor_bytes": {t: info.nbytes for t, info in self.tensors.items()},
             "incompressible": [t for t, info in self.tensors.items() if not info.compressible],
+            "runtime_costs": self.runtime_costs,
         }
 
     @classmethod
     def from_json(cls, data: Mapping) -> CostGraph:
         nodes = [CostNode(n, float(c), tuple(i), tuple(o), int(p)) for n, c, i, o, p in data["nodes"]]
         return cls(nodes, data["tensor_bytes"], data["inputs"], data["outputs"], unit=data["unit"],
-                   incompressible=data.get("incompressible", ()), name=data.get("name", "model"))
+                   incompressible=data.get("incompressible", ()), name=data.get("name", "model"),
+                   runtime_costs=data.get("runtime_costs"))
 
     def __repr__(self) -> str:
         return f"CostGraph({self.name!r}, {len(self.nodes)} operations, {len(self.tensors)} tensors, unit={self.unit})"
@@ -170,6 +193,7 @@ class Server(BaseModel):
     load: float = Field(default=0.0, ge=0, lt=1)
     memory: int | None = Field(default=None, ge=0)  # bytes available for weights; None: unlimited
     power: PowerProfile | None = None  # set on a battery device
+    runtimes: tuple[str, ...] | None = None  # the part runtimes it has (None: every runtime the graph measured)
 
 
 class Link(BaseModel):

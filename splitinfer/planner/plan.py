@@ -13,6 +13,7 @@ from splitinfer.planner.model import Cluster, CostGraph
 class PlanPart:
     server: str
     nodes: list[str]
+    runtime: str | None = None  # the runtime it runs on, when the graph has runtimes measured
 
 
 @dataclass
@@ -102,7 +103,7 @@ def make_plan(
     sent = set(cuts) | {t for t in graph.outputs}
     comp = {t: c for t, c in (compression or {}).items() if t in sent}
     return Plan(
-        parts=[PlanPart(s, list(nodes)) for s, nodes in parts],
+        parts=[PlanPart(s, list(nodes), r) for (s, nodes), r in zip(parts, pred.runtimes or [None] * len(parts))],
         cuts=cuts,
         compression=comp,
         latency=pred.latency,

@@ -186,10 +186,10 @@ def save_split(
     out_dir: Path,
     origin: str,
     progress: Callable[[str], None] | None = None,
-    exports: Sequence[str] = (),
+    exports: Sequence[str] | Mapping[str, Sequence[str]] = (),
 ) -> Manifest:
     """Build, save and hash every part, save the source model for verify, and write the manifest. `exports`: other
-    formats to save each part in too ("onnx", "tflite"), for the runtimes that run them."""
+    formats to save each part in too ("onnx", "tflite"), for the runtimes that run them; or per part name."""
     if not isinstance(graph, ModelGraph):
         from splitinfer.splitter.onnx_build import save_onnx_split
 
@@ -204,7 +204,8 @@ def save_split(
     finals = set(graph.outputs)
     entries = []
     for p in parts:
-        files = save_part(build_part(graph, p), out, p.name, exports)
+        files = save_part(build_part(graph, p), out, p.name,
+                          exports.get(p.name, ()) if isinstance(exports, Mapping) else exports)
         entries.append(
             PartEntry(
                 name=p.name,

@@ -56,6 +56,9 @@ class OnnxPart:
         options.intra_op_num_threads = max(0, int(threads or 0))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # no busy-waiting between calls: servers share few cores, and a spinning pool bills others for its time
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                                 providers=["CPUExecutionProvider"])

@@ -24,6 +24,11 @@ def test_plan_cli_offline_json_and_one_line_errors(tmp_path):
     assert servers <= {"phone", "cloud1"}
     primary = next(p for p in table["plans"] if p["id"] == table["primary"])
     assert primary["energy"] == min(p["energy"] for p in table["plans"])
+    # each part runs on a runtime the profile measured (every segment is timed on every installed runtime; the
+    # choice per part is the planner's, tested in unit/test_planner.py)
+    from splitinfer.splitter.runtimes import available_runtimes
+
+    assert {part["runtime"] for p in table["plans"] for part in p["parts"]} <= set(available_runtimes())
     for args, needle in [
         (["--sla", "0.001ms"], "no plan meets the SLA"),
         (["--objective", "cheapest"], "--objective"),

@@ -365,3 +365,45 @@ def test_coarsen_blocks_are_contiguous_and_bounded():
     flat = [n for b in coarse.order for n in members[b]]
     assert flat == g.order
     assert math.isclose(coarse.total_cost, g.total_cost)
+
+
+# ------------------------------------------------------------------------------------------ runtimes per part
+
+def _runtime_chain(server_runtimes=None):
+    """A chain of 6 operations whose first three run 4x faster on onnxruntime and last three 2x slower."""
+    ops = [f"op{i}" for i in range(6)]
+    tf = {o: 0.010 for o in ops}
+    ort = {o: (0.0025 if i < 3 else 0.020) for i, o in enumerate(ops)}
+    nodes = [CostNode(o, min(tf[o], ort[o]), (f"op{i - 1}:0" if i else "x",), (f"{o}:0",)) for i, o in enumerate(ops)]
+    graph = CostGraph(nodes, {"x": 1000, **{f"{o}:0": 1000 for o in ops}}, ["x"], ["op5:0"], unit="seconds",
+                      runtime_costs={"tf": tf, "onnxruntime": ort})
+    cluster = Cluster(servers=[Server(name="dev", site="device", speed=1.0),
+                               Server(name="cloud", site="cloud", speed=1.0, runtimes=server_runtimes)],
+                      links=[Link(a="device", b="cloud", rtt=0.001, bandwidth=1e9)], client="dev")
+    return graph, cluster
+
+
+def test_each_part_runs_on_its_measured_fastest_runtime():
+    from splitinfer.planner import plan_deployment
+
+    graph, cluster = _runtime_chain()
+    table = plan_deployment(graph, cluster, "latency")
+    for plan in table.plans:
+        for part in plan.parts:
+            tf = sum(graph.runtime_costs["tf"][n] for n in part.nodes)
+            ort = sum(graph.runtime_costs["onnxruntime"][n] for n in part.nodes)
+            assert part.runtime == ("onnxruntime" if ort < tf else "tf"), (part, tf, ort)
+    # predictions use the chosen runtime's cost: the whole chain as one part costs 0.06 s on tf (0.0675 s on
+    # onnxruntime); as two parts on the same server (no hop between them) 0.0075 s on onnxruntime + 0.03 s on tf
+    alone = evaluate(graph, cluster, [("cloud", list(graph.nodes))])
+    split = evaluate(graph, cluster, [("cloud", ["op0", "op1", "op2"]), ("cloud", ["op3", "op4", "op5"])])
+    assert alone.runtimes == ["tf"] and split.runtimes == ["onnxruntime", "tf"]
+    assert alone.latency - split.latency == pytest.approx(0.06 - 0.0375)
+
+
+def test_a_server_without_a_runtime_never_gets_a_part_on_it():
+    graph, cluster = _runtime_chain(server_runtimes=("tf",))
+    pred = evaluate(graph, cluster, [("cloud", ["op0", "op1", "op2"]), ("cloud", ["op3", "op4", "op5"])])
+    assert pred.runtimes == ["tf", "tf"]
+    again = CostGraph.from_json(graph.to_json())
+    assert again.runtime_costs == graph.runtime_costs

@@ -35,6 +35,7 @@ from splitinfer.monitor import (  # noqa: E402
 from splitinfer.monitor import profile as profile_mod  # noqa: E402
 from splitinfer.splitter import ModelGraph, load_source_model, split_at_cuts  # noqa: E402
 from splitinfer.splitter.partition import balanced_cuts  # noqa: E402
+from splitinfer.splitter.runtimes import available_runtimes  # noqa: E402
 from tests.support.splitter_models import SMALL_MODELS  # noqa: E402
 
 ATTEMPTS = 4
@@ -98,8 +99,10 @@ def test_cut_points_carry_bytes_and_cumulative_work(mnv3, mnv3_profile):
 def test_json_round_trip(mnv3_profile, tmp_path):
     path = mnv3_profile.save(tmp_path / "p.json")
     data = json.loads(path.read_text())
-    assert data["format"] == "splitinfer.profile" and data["version"] == 1
+    assert data["format"] == "splitinfer.profile" and data["version"] == 2
     assert {"ops", "cut_points", "segments", "totals", "fit", "machine"} <= set(data)
+    assert all(set(s["runtime_ms"]) == {"onnxruntime", *(["litert"] if "litert" in available_runtimes() else [])}
+               for s in data["segments"]), "every segment timed on every other runtime"
     assert ModelProfile.load(path) == mnv3_profile
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**data, "version": 99}))

@@ -68,7 +68,7 @@ from splitinfer.planner import (
     repredict,
 )
 from splitinfer.splitter import ModelGraph, SplitError, load_source_model, save_split, split_by_groups
-from splitinfer.splitter.manifest import Manifest
+from splitinfer.splitter.manifest import RUNTIME_FORMATS, Manifest
 
 MAX_LOAD = 0.9  # a server's load as the planner sees it: its CPU share, capped (a busy server still gets a price)
 
@@ -187,8 +187,14 @@ class Optimizer(Actor):
                 where = plan.assignment()
 
                 def split_plan() -> Manifest:
-                    manifest = save_split(graph, split_by_groups(graph, plan.groups()), out, origin=req.model)
+                    specs = split_by_groups(graph, plan.groups())
+                    # each part on the runtime the plan chose for it (its file exported to that runtime's format)
+                    runtime = {n: p.runtime for p in plan.parts for n in p.nodes}
+                    chosen = {s.name: runtime.get(s.nodes[0]) or "tf" for s in specs}
+                    exports = {name: [RUNTIME_FORMATS[r]] for name, r in chosen.items() if r != "tf"}
+                    manifest = save_split(graph, specs, out, origin=req.model, exports=exports)
                     for part in manifest.parts:  # the cut tensors the plan sends compressed
+                        part.runtime = chosen[part.name] if chosen[part.name] in part.runtimes else None
                         for o in part.outputs:
                             o.codec = plan.compression.get(o.name)
                     manifest.save(out)

@@ -531,11 +531,13 @@ class Client:
     async def deploy_model(self, model: str | Path, name: str | None = None, *, objective: str = "latency",
                            sla_s: float | None = None, servers: list[str] | None = None,
                            input_shape: list[int] | None = None, compression: bool = False, max_plans: int = 6,
-                           client_site: str | None = None, timeout: float | None = None) -> dict:
+                           client_site: str | None = None, timeout: float | None = None,
+                           keep_on_device: str | int | None = None) -> dict:
         """Ask the optimizer to profile, plan, split and deploy `model` (`keras.applications:NAME` or a .keras file,
         uploaded to the pool first) as `name`; returns its DeployReply as a dict (name, table, deployments,
         timings_s) once every plan serves. ClientError names what failed (an SLA no plan meets, a server that is
-        not registered, a part that did not load): nothing is left half deployed."""
+        not registered, a part that did not load): nothing is left half deployed. `keep_on_device`: a privacy floor
+        (the first K operations, or every operation up to a tensor, stay on the client's device site)."""
         origin = str(model)
         if not origin.startswith(APPLICATIONS_PREFIX):
             path = Path(origin)
@@ -551,7 +553,8 @@ class Client:
         try:
             req = DeployModel(name=name, model=origin, input_shape=list(input_shape) if input_shape else None,
                               objective=objective, sla_s=sla_s, servers=list(servers or []), compression=compression,
-                              max_plans=max_plans, client_site=client_site)
+                              max_plans=max_plans, client_site=client_site,
+                              keep_on_device=None if keep_on_device is None else str(keep_on_device))
         except ValueError as exc:
             raise ClientError(f"bad deploy request: {str(exc).splitlines()[0]}") from None
         limit = timeout or self.settings.deploy_timeout_s + 30

@@ -35,11 +35,11 @@ def make_split(model: str, parts: int, out: Path, seed: int = 0, exports: tuple[
     """Split `model` into `parts` parts balanced by FLOPs (what `splitinfer split --parts` does), each part also
     saved in the `exports` formats."""
     from splitinfer.monitor import node_flops  # lazy: loads TensorFlow
-    from splitinfer.splitter import balanced_cuts, load_graph, save_split, split_at_cuts
+    from splitinfer.splitter import load_graph, save_split
+    from splitinfer.splitter.partition import balanced_split
 
     graph = load_graph(model, seed=seed)
-    specs = split_at_cuts(graph, balanced_cuts(graph, node_flops(graph), parts)) if parts > 1 else \
-        split_at_cuts(graph, [])
+    specs = balanced_split(graph, node_flops(graph), parts)
     return save_split(graph, specs, out, origin=model, exports=exports)
 
 

@@ -21,7 +21,7 @@ from splitinfer.cli.app import (
     duration_option,
     user_errors,
 )
-from splitinfer.cli.plan_cmds import OBJECTIVE_HELP, check_objective, plan_table_rows
+from splitinfer.cli.plan_cmds import KEEP_HELP, OBJECTIVE_HELP, check_objective, plan_table_rows
 from splitinfer.client import Client
 from splitinfer.config import Settings
 from splitinfer.splitter.manifest import APPLICATIONS_PREFIX, MANIFEST_FILE, parse_shape
@@ -66,6 +66,7 @@ def deploy(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="MODEL: input shape, e.g. 224x224x3"),
     compression: bool = typer.Option(False, "--compression", help="MODEL: allow float16/int8 tensors at cuts"),
     max_plans: int = typer.Option(6, "--max-plans", help="MODEL: plans in the table (each one is loaded)"),
+    keep_on_device: Optional[str] = typer.Option(None, "--keep-on-device", help=f"MODEL: {KEEP_HELP}"),
     client_site: Optional[str] = typer.Option(None, "--client-site", help="MODEL: where inputs start (default: "
                                                                           "the front end's site)"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait for every part to load"),
@@ -82,7 +83,7 @@ def deploy(
             raise UserError(f"{directory} is not a split directory (no manifest.json); make one with `splitinfer split`")
         _deploy_model(target, name=name, objective=objective, sla=sla, only=only, input_shape=input_shape,
                       compression=compression, max_plans=max_plans, client_site=client_site, timeout=timeout,
-                      settings=settings, as_json=as_json)
+                      settings=settings, as_json=as_json, keep_on_device=keep_on_device)
         return
     if replicas < 1:
         raise UserError("--replicas must be at least 1")
@@ -110,7 +111,7 @@ def deploy(
 
 def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Optional[str], only: Optional[str],
                   input_shape: Optional[str], compression: bool, max_plans: int, client_site: Optional[str],
-                  timeout: float, settings: Settings, as_json: bool) -> None:
+                  timeout: float, settings: Settings, as_json: bool, keep_on_device: Optional[str] = None) -> None:
     """`splitinfer deploy MODEL ...`: the optimizer plans, splits and deploys; print its plan table."""
     check_objective(objective)
     sla_s = duration_option(sla, "--sla")
@@ -130,7 +131,8 @@ def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Opti
             with _busy(f"deploying {target}: profile, plan, split, load", as_json):
                 return await c.deploy_model(target, name, objective=objective, sla_s=sla_s, servers=wanted,
                                             input_shape=shape, compression=compression, max_plans=max_plans,
-                                            client_site=client_site, timeout=timeout)
+                                            client_site=client_site, timeout=timeout,
+                                            keep_on_device=keep_on_device)
 
     result = client_errors(run())
     if as_json:

@@ -21,6 +21,8 @@ from splitinfer.messages import OBJECTIVES
 from splitinfer.planner import BrokerOverhead, cluster_from_config, cost_graph_from_profile, plan_deployment
 
 OBJECTIVE_HELP = "latency (fastest plan first), energy (least device energy within the SLA), throughput (pipelined)"
+KEEP_HELP = ("a privacy floor: the first K operations (an integer), or every operation up to a tensor, run on the "
+             "client's device site; no plan sends what comes before it off the device")
 SLA_HELP = "every plan must be predicted within this latency: 50ms, 0.05s or 50 (ms)"
 
 # `splitinfer plan` without --cluster: a phone-class device 4x slower than this machine (on battery), an edge box
@@ -87,6 +89,7 @@ def plan(
                                                                           "front_end_site of the cluster)"),
     compression: bool = typer.Option(False, "--compression", help="allow float16/int8 at cuts (measures fidelity)"),
     max_plans: int = typer.Option(6, "--max-plans", help="plans kept in the table"),
+    keep_on_device: Optional[str] = typer.Option(None, "--keep-on-device", help=KEEP_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="the plan table as JSON on stdout"),
 ):
@@ -117,7 +120,8 @@ def plan(
         if compression:
             progress.update(task, description="fidelity of compressed cuts", completed=0, total=None)
             fidelity = measure_compression(graph).fidelity_table()
-    table = plan_deployment(cost_graph_from_profile(graph, profile), planner_cluster, objective, sla=sla_s,
+    table = plan_deployment(cost_graph_from_profile(graph, profile).keep_on_device(keep_on_device), planner_cluster,
+                            objective, sla=sla_s,
                             compression=fidelity, max_plans=max_plans, name=graph.name)
     doc = table.to_json()
     if as_json:

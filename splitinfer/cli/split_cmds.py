@@ -13,7 +13,7 @@ from rich.table import Table
 from splitinfer.cli.app import MODEL_HELP, SHAPE_HELP, UserError, app, console, progress_bar, user_errors
 from splitinfer.config import get_settings
 from splitinfer.monitor.plot import plot_cut_points
-from splitinfer.splitter.partition import balanced_cuts, cut_point_rows, split_at_cuts, split_by_groups
+from splitinfer.splitter.partition import balanced_split, cut_point_rows, split_at_cuts, split_by_groups
 
 
 
@@ -51,7 +51,8 @@ def split(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
     parts: Optional[int] = typer.Option(None, "--parts", help="number of parts, balanced by FLOPs (within 5%, then "
-                                                               "the fewest bytes at the cuts)"),
+                                                               "the fewest bytes at the cuts; cuts of several "
+                                                               "tensors where single ones are too few)"),
     cuts: Optional[str] = typer.Option(
         None, "--cuts", help="cut tensors, comma separated; join tensors that must be cut together with +"
     ),
@@ -95,7 +96,7 @@ def split(
 
         with console.status("counting FLOPs per operation"):
             costs = node_flops(graph)
-        specs = split_at_cuts(graph, balanced_cuts(graph, costs, parts))
+        specs = balanced_split(graph, costs, parts)
     elif cut_list is not None:
         specs = split_at_cuts(graph, cut_list)
     else:

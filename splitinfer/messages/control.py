@@ -87,6 +87,7 @@ class DeployModel(Message):
     client_site: str | None = None                 # where jobs' inputs start; default: the front end's site
     compression: bool = False                      # let the planner send cut tensors as float16 / int8
     max_plans: int = Field(6, ge=1, le=32)
+    keep_on_device: str | None = None              # a privacy floor: the first K operations, or up to a tensor
 
 
 class UndeployModel(Message):

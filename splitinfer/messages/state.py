@@ -64,6 +64,7 @@ class ServerState(Frozen):
     # what its health endpoints say (observability): why it is not ready (None: ready), where its /metrics are
     not_ready: str | None = None
     metrics_url: str | None = None
+    runtimes: list[str] | None = None    # the part runtimes it can load (None: not said: any)
 
 
 class ActorInfo(Frozen):

@@ -566,7 +566,9 @@ def profile_model(
     graph = model if isinstance(model, ModelGraph) else ModelGraph(model)
     specs = input_specs(graph, batch)  # refuses unknown non-batch dimensions before any work
     mhash = model_hash(graph.model)
-    path = profile_path(mhash, [list(s.shape[1:]) for s in specs], batch, machine_info().fingerprint, cache_dir)
+    # the runtimes installed are part of what was measured: a profile taken with LiteRT present names it
+    fingerprint = f"{machine_info().fingerprint}-{'+'.join(_other_runtimes()) or 'tf'}"
+    path = profile_path(mhash, [list(s.shape[1:]) for s in specs], batch, fingerprint, cache_dir)
     return ModelProfile.cached(
         path,
         lambda: build_profile(graph, batch=batch, segments=segments, rounds=rounds, warmup=warmup,

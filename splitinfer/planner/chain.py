@@ -122,7 +122,9 @@ def chain_labels(
     wc = (power.compute_w - power.idle_w) if power else 0.0
     wr = (power.radio_w - power.idle_w) if power else 0.0
     wi = power.idle_w if power else 0.0
-    comp = [[cm.compute(seg_cost[k], s) for s in range(S)] for k in range(m)]
+    # a segment holding device-only operations runs at the client's site only (math.inf elsewhere: never chosen)
+    comp = [[cm.compute(seg_cost[k], s) if cm.may_run(segs[k][0], s) else math.inf for s in range(S)]
+            for k in range(m)]
     in_sizes = [graph.tensors[t].nbytes for t in graph.inputs]
     out_sizes = [graph.tensors[t].nbytes for t in graph.outputs if graph.tensors[t].producer is not None]
     budget = math.inf if max_latency is None else max_latency
@@ -161,7 +163,7 @@ def chain_labels(
             i = slot[s]
             mem = mem[:i] + (seg_params[0],) + mem[i + 1 :]
         hop = cm.hop(cm.client, s, in_sizes)
-        if hop == math.inf:
+        if hop == math.inf or comp[0][s] == math.inf:
             continue
         dl = hop + comp[0][s]
         dr = cm.radio(cm.client, s, sum(in_sizes))
@@ -205,6 +207,8 @@ def chain_labels(
                             continue
                         mem = mem[:i] + (v,) + mem[i + 1 :]
                     dl_run, de_run = run[s2]
+                    if dl_run == math.inf:
+                        continue
                     if s2 == s:
                         if lab.latency + dl_run <= budget:
                             nxt[s2].append(

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from splitinfer.planner.model import CODEC_FACTOR, Cluster, CostGraph, PlanError
 
+STAND_IN_FLOOR = 1e-6  # a server slower than this is the planner's stand-in for a client with no server
+
 
 class CostModel:
     """Per-server compute rates and per-server-pair link figures for one graph on one cluster."""
@@ -64,6 +66,15 @@ class CostModel:
                     self.rtt[i][j], self.bw[i][j] = link
         power = self.servers[self.client].power
         self.power = power
+        # the servers a device-only operation may run on: those at the client's site (a stand-in client, with no
+        # real server there, runs nothing)
+        site = self.servers[self.client].site
+        self.device_site = [s.site == site and s.speed > STAND_IN_FLOOR for s in self.servers]
+
+    def may_run(self, nodes, s: int) -> bool:
+        """Whether server s may run all of `nodes` (the privacy floor keeps device-only operations at the client's
+        site)."""
+        return self.device_site[s] or not self.graph.device_only.intersection(nodes)
 
     def compute(self, cost: float, s: int) -> float:
         return cost / self.rate[s]
@@ -155,6 +166,9 @@ def evaluate(
     runtimes: list[str | None] = []
     cost = []
     for server, nodes in parts:
+        if not cm.may_run(nodes, cm.idx[server]):
+            raise PlanError(f"the privacy floor keeps {sorted(graph.device_only.intersection(nodes))[0]!r} at the "
+                            f"client's site, not on {server}")
         runtime, c = graph.part_runtime(nodes, cm.servers[cm.idx[server]].runtimes)
         runtimes.append(runtime)
         cost.append(c)

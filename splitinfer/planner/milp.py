@@ -138,6 +138,7 @@ def coarsen(graph: CostGraph, max_nodes: int) -> tuple[CostGraph, dict[str, list
         graph.unit,
         incompressible=[t for t in kept if not graph.tensors[t].compressible],
         name=f"{graph.name}/coarse{len(blocks)}",
+        device_only=[f"block{i}" for i, b in enumerate(blocks) if graph.device_only.intersection(b)],
     )
     return coarse, {f"block{i}": b for i, b in enumerate(blocks)}
 
@@ -167,6 +168,9 @@ def plan_dag(
     x = {(v, s): P.var(integer=True) for v in V for s in S}
     for v in V:
         P.row([(x[v, s], 1.0) for s in S], 1.0, 1.0)
+        for s in S:
+            if not cm.may_run([v], s):  # the privacy floor: device-only operations at the client's site only
+                P.ub[x[v, s]] = 0.0
         p = graph.nodes[v].param_bytes
         for s in S:
             mem = cm.servers[s].memory
@@ -249,6 +253,8 @@ def plan_dag(
             M = min(M, max_latency)
         if objective == "latency":
             for s in S:
+                if not cm.may_run(V, s):
+                    continue
                 one = evaluate(graph, cluster, [(cm.names[s], list(V))], cm=cm)
                 if one.fits_memory:
                     M = min(M, one.latency * (1 + 1e-9) + 1e-12)

@@ -70,10 +70,12 @@ class CostGraph(DagQueries):
         incompressible: Iterable[str] = (),
         name: str = "model",
         runtime_costs: Mapping[str, Mapping[str, float]] | None = None,
+        device_only: Iterable[str] = (),
     ):
         """`runtime_costs`: each runtime's cost of every operation it can run (runtime -> operation -> cost), when
         they were measured; a part then runs on the runtime its operations cost least on together (`part_runtime`),
-        and a node's `cost` should be its least over the runtimes (the planners' optimistic figure)."""
+        and a node's `cost` should be its least over the runtimes (the planners' optimistic figure).
+        `device_only`: operations that must run at the client's site (a privacy floor, see `privacy_floor`)."""
         if unit not in ("flops", "seconds"):
             raise PlanError(f"unit must be 'flops' or 'seconds', not {unit!r}")
         self.name = name
@@ -118,6 +120,40 @@ class CostGraph(DagQueries):
         unknown = [n for costs in self.runtime_costs.values() for n in costs if n not in self.nodes]
         if unknown:
             raise PlanError(f"runtime costs name unknown operation {unknown[0]!r}")
+        self.device_only = frozenset(device_only)
+        unknown = sorted(self.device_only - set(self.nodes))
+        if unknown:
+            raise PlanError(f"the privacy floor names unknown operation {unknown[0]!r}")
+
+    def with_device_only(self, nodes: Iterable[str]) -> "CostGraph":
+        """The same graph with `nodes` (and the ones already so) kept at the client's site."""
+        data = self.to_json()
+        data["device_only"] = sorted(self.device_only | set(nodes))
+        return CostGraph.from_json(data)
+
+    def keep_on_device(self, floor: str | int | None) -> "CostGraph":
+        """The graph with a privacy floor (`--keep-on-device`): an integer K keeps the first K operations at the
+        client's site, a tensor name every operation up to it; None or "" the graph as it is."""
+        if floor is None or floor == "":
+            return self
+        text = str(floor).strip()
+        nodes = self.privacy_floor(first_ops=int(text)) if text.isdigit() else self.privacy_floor(up_to=text)
+        return self.with_device_only(nodes)
+
+    def privacy_floor(self, first_ops: int | None = None, up_to: str | None = None) -> list[str]:
+        """The operations a privacy floor keeps on the device: the first `first_ops` of the topological order, or
+        every operation `up_to` (a tensor) depends on, its producer included."""
+        if (first_ops is None) == (up_to is None):
+            raise PlanError("a privacy floor is the first K operations or the operations up to a tensor, not both")
+        if first_ops is not None:
+            if not 0 <= first_ops <= len(self.order):
+                raise PlanError(f"the privacy floor keeps {first_ops} operations; the model has {len(self.order)}")
+            return list(self.order[:first_ops])
+        if up_to not in self.tensors:
+            raise PlanError(f"the privacy floor names unknown tensor {up_to!r}")
+        if self.tensors[up_to].producer is None:
+            return []
+        return self.names_in(self.upstream(up_to))
 
     def part_runtime(self, nodes: Iterable[str], runtimes: Iterable[str] | None = None) -> tuple[str | None, float]:
         """(the runtime the operations cost least on together, that cost); (None, the nodes' costs) without
@@ -158,6 +194,7 @@ class CostGraph(DagQueries):
             "tensor_bytes": {t: info.nbytes for t, info in self.tensors.items()},
             "incompressible": [t for t, info in self.tensors.items() if not info.compressible],
             "runtime_costs": self.runtime_costs,
+            "device_only": sorted(self.device_only),
         }
 
     @classmethod
@@ -165,7 +202,7 @@ class CostGraph(DagQueries):
         nodes = [CostNode(n, float(c), tuple(i), tuple(o), int(p)) for n, c, i, o, p in data["nodes"]]
         return cls(nodes, data["tensor_bytes"], data["inputs"], data["outputs"], unit=data["unit"],
                    incompressible=data.get("incompressible", ()), name=data.get("name", "model"),
-                   runtime_costs=data.get("runtime_costs"))
+                   runtime_costs=data.get("runtime_costs"), device_only=data.get("device_only", ()))
 
     def __repr__(self) -> str:
         return f"CostGraph({self.name!r}, {len(self.nodes)} operations, {len(self.tensors)} tensors, unit={self.unit})"

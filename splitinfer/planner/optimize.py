@@ -52,6 +52,7 @@ class ServerDesc:
     load: float = 0.0                      # fraction of its compute other work already takes (0..1)
     memory: int | None = None              # bytes of weights it may hold
     power: PowerProfile | None = None      # a battery device
+    runtimes: tuple[str, ...] | None = None  # the part runtimes it can load; None: any
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def build_cluster(servers: Sequence[ServerDesc], client_site: str, *, links: Seq
     descs = list(servers) + ([stand_in] if stand_in else [])
     return Cluster(
         servers=[Server(name=s.name, site=s.site, speed=max(s.speed, STAND_IN_SPEED), load=min(max(s.load, 0.0), 0.95),
-                        memory=s.memory, power=s.power) for s in descs],
+                        memory=s.memory, power=s.power, runtimes=s.runtimes) for s in descs],
         links=list(links), client=client, broker=broker or BrokerOverhead())
 
 

@@ -122,8 +122,9 @@ def choose_plan(
 
     Policy: drop plans that use a down server, then plans below min_fidelity, then plans slower than max_latency
     (seconds). With battery_level (0..1) below low_battery, take the plan with the least device energy (ties: the
-    faster); otherwise the fastest plan (ties: the least energy). Raises PlanError naming the constraint that
-    nothing meets and the best value on offer.
+    faster); otherwise the best plan for the table's objective: the fastest (latency; ties: the least energy), the
+    least device energy (energy; ties: the faster) or the highest pipelined throughput (throughput; ties: the
+    faster). Raises PlanError naming the constraint that nothing meets and the best value on offer.
     """
     down = set(down_servers)
     unknown = sorted(down - set(table.servers))
@@ -153,4 +154,12 @@ def choose_plan(
         live = ok
     if battery_level is not None and battery_level < low_battery:
         return min(live, key=lambda p: (p.energy, p.latency))
-    return min(live, key=lambda p: (p.latency, p.energy))
+    return min(live, key=OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"]))
+
+
+# the plan a job without a battery constraint gets, by the deployment's objective: the least of these keys
+OBJECTIVE_ORDER = {
+    "latency": lambda p: (p.latency, p.energy),
+    "energy": lambda p: (p.energy, p.latency),
+    "throughput": lambda p: (p.bottleneck, p.latency),
+}

@@ -15,7 +15,7 @@ _LAZY = {
     "GraphNode": "graph", "ModelGraph": "graph", "model_hash": "graph",
     "Manifest": "manifest", "PartEntry": "manifest", "PartOutput": "manifest", "TensorSpec": "manifest",
     "parse_shape": "manifest", "TensorInfo": "tensors",
-    "PartSpec": "partition", "balanced_cuts": "partition", "split_at_cuts": "partition", "split_by_groups": "partition",
+    "PartSpec": "partition", "balanced_cuts": "partition", "balanced_split": "partition", "split_at_cuts": "partition", "split_by_groups": "partition",
 }
 
 
@@ -23,7 +23,7 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "CompiledPart", "GraphNode", "Manifest", "ModelGraph", "PartEntry", "PartOutput", "PartSpec",
-    "SplitError", "TensorInfo", "TensorSpec", "balanced_cuts", "build_part", "load_part_model",
+    "SplitError", "TensorInfo", "TensorSpec", "balanced_cuts", "balanced_split", "build_part", "load_part_model",
     "load_graph", "load_source_model", "model_hash", "parse_shape", "random_inputs", "run_parts", "save_split",
     "split_at_cuts", "split_by_groups", "verify_split",
 ]

@@ -49,7 +49,7 @@ def load_source_model(spec: str, input_shape: Sequence[int] | None = None, seed:
         shape = tuple(input_shape or DEFAULT_INPUT_SHAPE)
         keras.utils.set_random_seed(seed)
         try:
-            with _fresh_auto_names():
+            with fresh_auto_names():
                 return ctor(weights=None, input_shape=shape)
         except (ValueError, TypeError) as exc:
             raise SplitError(f"cannot build {name} with input shape {shape}: {error_line(exc)}") from None
@@ -118,7 +118,7 @@ def _auto_name_counters(uids):
         global_state.set_global_attribute("object_name_uids", saved)
 
 
-def _fresh_auto_names():
+def fresh_auto_names():
     """Build as a fresh process would, so that the tensor names of `keras.applications:NAME` do not depend on what
     the process built before."""
     return _auto_name_counters(collections.defaultdict(int))

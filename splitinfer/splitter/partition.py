@@ -157,11 +157,45 @@ def balanced_cuts(graph: ModelGraph, costs: Mapping[str, float], n_parts: int, s
 
     cum = [0.0] + [prefix_cost(t) for t in points] + [total]
     size = [0.0] + [float(graph.tensors[t].nbytes(batch)) for t in points] + [0.0]
-    m, k = len(cum), n_parts
+    chosen = _balanced_boundaries(cum, size, n_parts, slack)
+    return sorted((points[j - 1] for j in chosen), key=lambda t: graph.index[graph.tensors[t].producer])
+
+
+def balanced_split(graph: ModelGraph, costs: Mapping[str, float], n_parts: int, slack: float = BALANCE_SLACK,
+                   batch: int = 1) -> list[PartSpec]:
+    """`--parts N` for any graph: at single-tensor cut points when the graph has enough of them (balanced_cuts),
+    otherwise at N-1 frontiers of one or several tensors: the cuts after prefixes of the topological order (each
+    such prefix holds every ancestor of what it holds, so the tensors crossing it are exactly what the part after
+    needs), chosen by the same two DPs (balance within `slack`, then the fewest bytes crossing). SplitError only
+    when the graph has fewer than N operations."""
+    if n_parts < 1:
+        raise SplitError("--parts must be at least 1")
+    if n_parts - 1 <= len(graph.cut_points()):
+        return split_at_cuts(graph, balanced_cuts(graph, costs, n_parts, slack, batch))
+    compute = [n for n in graph.order if not graph.nodes[n].is_input]
+    if n_parts > len(compute):
+        raise SplitError(f"cannot make {n_parts} parts: {graph.name} has only {len(compute)} operation(s)")
+    weight = [float(costs.get(n, 0.0)) for n in compute]
+    cum, size, mask = [0.0], [0.0], graph.dag.sources
+    for i, n in enumerate(compute[:-1]):
+        mask |= 1 << graph.index[n]
+        cum.append(cum[-1] + weight[i])
+        size.append(float(sum(graph.tensors[t].nbytes(batch) for t in graph.crossing(mask))))
+    cum.append(sum(weight))
+    size.append(0.0)
+    bounds = [0, *sorted(_balanced_boundaries(cum, size, n_parts, slack)), len(compute)]
+    groups = {n: k for k, (a, b) in enumerate(zip(bounds, bounds[1:])) for n in compute[a:b]}
+    return split_by_groups(graph, groups)
+
+
+def _balanced_boundaries(cum: Sequence[float], size: Sequence[float], k: int, slack: float) -> list[int]:
+    """Boundaries 0 < j1 < ... < j(k-1) < m-1 over candidate positions (cum[j]: cost before position j, size[j]:
+    bytes crossing there): the most expensive part within `slack` of the best balance, then the fewest bytes."""
+    m = len(cum)
 
     def solve(objective, limit: float) -> list[int] | None:
-        """Boundaries 0 < j1 < ... < m-1 (k parts, each costing <= limit) minimising `objective(peak, bytes)`
-        over (the most expensive part, the bytes at the chosen cuts); None when no such boundaries exist."""
+        """Boundaries (k parts, each costing <= limit) minimising `objective(peak, bytes)` over (the most
+        expensive part, the bytes at the chosen boundaries); None when no such boundaries exist."""
         inf = (float("inf"), float("inf"))
         best = [[inf] * (k + 1) for _ in range(m)]  # (peak, bytes) of the best way to cover up to j with c parts
         back = [[-1] * (k + 1) for _ in range(m)]
@@ -186,8 +220,7 @@ def balanced_cuts(graph: ModelGraph, costs: Mapping[str, float], n_parts: int, s
     balanced = solve(lambda peak, nbytes: (peak, nbytes), float("inf"))
     bounds = [0, *sorted(balanced), m - 1]
     peak = max(cum[b] - cum[a] for a, b in zip(bounds, bounds[1:]))
-    frugal = solve(lambda peak, nbytes: (nbytes, peak), peak * (1.0 + max(0.0, slack)) + 1e-9 * abs(peak)) or balanced
-    return sorted((points[j - 1] for j in frugal), key=lambda t: graph.index[graph.tensors[t].producer])
+    return solve(lambda peak, nbytes: (nbytes, peak), peak * (1.0 + max(0.0, slack)) + 1e-9 * abs(peak)) or balanced
 
 
 def cut_point_rows(graph: ModelGraph, batch: int = 1) -> list[dict]:

@@ -13,6 +13,7 @@ after its Input layers): they are matched by name where they agree, by position 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from splitinfer.splitter.errors import SplitError
 from splitinfer.splitter.manifest import RUNTIME_FORMATS, Manifest, PartEntry, file_sha256
 
 
-def available_runtimes() -> list[str]:
-    """The runtimes this process can load (tf always; the others when their package is installed)."""
+@functools.cache
+def _installed() -> tuple[str, ...]:
     import importlib.util
 
     found = ["tf"]
@@ -31,7 +32,12 @@ def available_runtimes() -> list[str]:
         found.append("onnxruntime")
     if importlib.util.find_spec("ai_edge_litert") is not None:
         found.append("litert")
-    return found
+    return tuple(found)
+
+
+def available_runtimes() -> list[str]:
+    """The runtimes this process can load (tf always; the others when their package is installed)."""
+    return list(_installed())
 
 
 def _same_count(file_names: Sequence[str], part_names: Sequence[str], what: str, label: str) -> list[str]:

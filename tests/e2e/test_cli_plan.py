@@ -29,7 +29,18 @@ def test_plan_cli_offline_json_and_one_line_errors(tmp_path):
     from splitinfer.splitter.runtimes import available_runtimes
 
     assert {part["runtime"] for p in table["plans"] for part in p["parts"]} <= set(available_runtimes())
+    # a privacy floor: the first 5 operations stay on the phone in every plan
+    r = _cli("plan", "keras.applications:MobileNetV3Small", "--input-shape", "96x96x3", "--config", str(cfg),
+             "--objective", "latency", "--keep-on-device", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    from splitinfer.splitter import ModelGraph, load_source_model
+
+    first = ModelGraph(load_source_model("keras.applications:MobileNetV3Small", (96, 96, 3))).compute_nodes[:5]
+    for p in json.loads(r.stdout)["plans"]:
+        where = {n: part["server"] for part in p["parts"] for n in part["nodes"]}
+        assert all(where[n] == "phone" for n in first), (first, p["parts"])
     for args, needle in [
+        (["--keep-on-device", "no_such_tensor:0"], "unknown tensor"),
         (["--sla", "0.001ms"], "no plan meets the SLA"),
         (["--objective", "cheapest"], "--objective"),
         (["--sla", "soon"], "--sla"),

@@ -63,7 +63,11 @@ def small_split(tmp_path_factory) -> Path:
     # cannot tell one input's answer from another's
     import keras
 
-    model = keras.applications.MobileNetV3Small(weights=None, classifier_activation=None, input_shape=(224, 224, 3))
+    from splitinfer.splitter.build import fresh_auto_names
+
+    with fresh_auto_names():  # its input is `input_layer` whatever the test process built before
+        model = keras.applications.MobileNetV3Small(weights=None, classifier_activation=None,
+                                                    input_shape=(224, 224, 3))
     graph = ModelGraph(model)
     save_split(graph, split_at_cuts(graph, CUTS), out, origin=f"{MODEL} (logits)")
     return out

@@ -178,3 +178,39 @@ def test_parts_get_a_file_per_runtime_the_fastest_measured_is_chosen_and_every_r
                                       "--runtime", "onnxruntime"])
     assert result.exit_code == 0, result.output
     assert {p.runtime for p in Manifest.load(fixed).parts} == {"onnxruntime"}
+
+
+def test_parts_beyond_the_single_tensor_cut_points_use_multi_tensor_frontiers(tmp_path):
+    """Two inputs, two long branches joined once: one single-tensor cut point (the join), yet --parts 3 splits,
+    at a frontier of one tensor per branch, and verifies within 1e-5; more parts than operations is an error."""
+    from typer.testing import CliRunner
+
+    from splitinfer import _tf  # noqa: F401
+    import keras
+
+    from splitinfer.cli import app
+    from splitinfer.splitter import ModelGraph
+    from splitinfer.splitter.manifest import Manifest
+
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((16,), name="a"), keras.Input((8,), name="b")
+    x = keras.layers.Dense(32, activation="relu", name="a1")(a)
+    x = keras.layers.Dense(32, activation="relu", name="a2")(x)
+    y = keras.layers.Dense(32, activation="tanh", name="b1")(b)
+    y = keras.layers.Dense(32, activation="tanh", name="b2")(y)
+    joined = keras.layers.Concatenate(name="join")([x, y])
+    model = keras.Model([a, b], keras.layers.Dense(4, name="head")(joined), name="two_branches")
+    model.save(tmp_path / "m.keras")
+    assert ModelGraph(model).cut_points() == ["join:0"]
+    out = tmp_path / "s"
+    runner = CliRunner()
+    result = runner.invoke(app, ["split", str(tmp_path / "m.keras"), "--parts", "3", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.load(out)
+    assert len(manifest.parts) == 3
+    assert any(len(p.inputs) > 1 and not {t.name for t in p.inputs} <= {"a:0", "b:0"} for p in manifest.parts), \
+        "some part takes a frontier of several handed-over tensors"
+    result = runner.invoke(app, ["verify", str(out), "--json", "--tolerance", "1e-5"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["ok"], result.output
+    result = runner.invoke(app, ["split", str(tmp_path / "m.keras"), "--parts", "9", "-o", str(tmp_path / "t")])
+    assert result.exit_code != 0 and "only 6 operation(s)" in result.output, result.output

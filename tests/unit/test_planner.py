@@ -183,6 +183,28 @@ def three_site_problem():
     return g, cluster
 
 
+def test_a_job_without_requirements_gets_the_plan_of_the_deployments_objective():
+    from splitinfer.planner import plan_deployment
+
+    g, cluster = three_site_problem()
+    codecs = {"l0:0": {"float16": 0.995, "int8": 0.97}}
+    by_objective = {o: plan_deployment(g, cluster, o, max_plans=6, compression=codecs)
+                    for o in ("latency", "energy", "throughput")}
+    energy = by_objective["energy"]
+    assert len({p.energy for p in energy.plans}) >= 2, "the energy table offers a choice"
+    chosen = choose_plan(energy)
+    assert chosen.id == energy.primary and chosen.energy == min(p.energy for p in energy.plans)
+    assert chosen.latency > min(p.latency for p in energy.plans), "the fastest plan would have been another"
+    latency = by_objective["latency"]
+    assert choose_plan(latency).latency == min(p.latency for p in latency.plans)
+    throughput = by_objective["throughput"]
+    assert choose_plan(throughput).bottleneck == min(p.bottleneck for p in throughput.plans)
+    # a job's own requirement still decides within the objective: the least energy among the plans fast enough
+    budget = sorted(p.latency for p in energy.plans)[1] * 1.001
+    within = choose_plan(energy, max_latency=budget)
+    assert within.latency <= budget and within.energy == min(p.energy for p in energy.plans if p.latency <= budget)
+
+
 def test_tight_budget_low_battery_gets_a_different_plan():
     g, cluster = three_site_problem()
     table = build_plan_table(g, cluster, compression={"l0:0": {"float16": 0.995, "int8": 0.97}})
@@ -407,3 +429,44 @@ def test_a_server_without_a_runtime_never_gets_a_part_on_it():
     assert pred.runtimes == ["tf", "tf"]
     again = CostGraph.from_json(graph.to_json())
     assert again.runtime_costs == graph.runtime_costs
+
+
+# ------------------------------------------------------------------------------------------ privacy floor
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_privacy_floor_is_never_violated_and_the_dp_stays_exact_under_it(seed):
+    """Random chains and DAGs, random floors (the first K operations, or everything up to a tensor): no plan the
+    chain DP, the integer program or the plan table makes runs a floored operation off the client's site, and the
+    chain DP's best latency is the exhaustive best among the placements that honour the floor."""
+    from splitinfer.planner import build_plan_table
+
+    rng = random.Random(1000 + seed)
+    m = rng.randint(3, 6)
+    chain = random_chain(rng, m)
+    cluster = random_cluster(rng, rng.randint(2, 4), memory=False)
+    k = rng.randint(1, m - 1)
+    floored = chain.with_device_only(chain.privacy_floor(first_ops=k))
+    device_site = cluster.server(cluster.client).site
+    site = {s.name: s.site for s in cluster.servers}
+
+    def honours(plan, graph=floored) -> bool:
+        return all(site[p.server] == device_site for p in plan.parts for n in p.nodes if n in graph.device_only)
+
+    best = plan_chain(floored, cluster)
+    assert honours(best)
+    ref = Ref(chain, cluster)
+    names = [s.name for s in cluster.servers]
+    ops = list(chain.nodes)
+    allowed = [ref.chain(servers, ["none"] * (m - 1), {}) for servers in itertools.product(names, repeat=m)
+               if all(site[servers[i]] == device_site for i in range(k))]
+    assert close(best.latency, min(r[0] for r in allowed))
+    assert all(honours(p) for p in build_plan_table(floored, cluster).plans)
+    with pytest.raises(PlanError, match="privacy floor"):
+        evaluate(floored, cluster, [(next(n for n in names if site[n] != device_site), ops)])
+    dag = random_dag(rng, rng.randint(4, 8))
+    tensor = rng.choice([t for t, info in dag.tensors.items() if info.producer is not None])
+    floored_dag = dag.with_device_only(dag.privacy_floor(up_to=tensor))
+    assert dag.tensors[tensor].producer in floored_dag.device_only
+    for objective in ("latency", "throughput"):
+        assert honours(plan_dag(floored_dag, cluster, objective, time_limit=10), floored_dag)
+    assert all(honours(p, floored_dag) for p in build_plan_table(floored_dag, cluster, time_limit=10).plans)

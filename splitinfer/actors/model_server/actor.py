@@ -46,6 +46,7 @@ from splitinfer.actors.model_server.desired import DesiredParts
 from splitinfer.actors.model_server.hosted import HostedPart, answers_alone, parse_part_spec, takes_only_from
 from splitinfer.actors.model_server.joins import Arrival, Pending
 from splitinfer.actors.model_server.runner import configure_tf, load_and_warm
+from splitinfer.splitter.runtimes import available_runtimes
 from splitinfer.actors.monitors import NetworkMonitor, ServerMonitor, follow_links
 from splitinfer.actors.transport import first_line, header_str
 from splitinfer.actors.transport.retry import RESTORE
@@ -157,7 +158,8 @@ class ModelServer(Actor):
                         q = await ch.declare_queue(p.queues[p.replica].name, passive=True)
                         depths[q.name] = int(q.declaration_result.message_count or 0)
                         self.metrics.queue_depth.labels(queue=q.name).set(depths[q.name])
-        state = state.model_copy(update={"load": float(len(self.ready) + self._busy), "queue_depths": depths})
+        state = state.model_copy(update={"load": float(len(self.ready) + self._busy), "queue_depths": depths,
+                                         "runtimes": available_runtimes()})
         return self.monitor.fill(state)
 
     # ------------------------------------------------------------------ loading parts
@@ -536,8 +538,13 @@ class ModelServer(Actor):
             confirms.append(self.publisher.soon("tensors", self.names.tensor_key(hp.deployment, spec.name), body,
                                                 headers=headers, mandatory=not spec.final or bool(spec.consumers)))
             self._account_radio(array.nbytes)
-        if hp.answers:
+        claimed = None
+        if hp.answers and not hp.claim_answer(it.meta.get("job") or it.request_id):
+            self.log.info("duplicate_answer_dropped", part=hp.name, request_id=it.request_id,
+                          job=it.meta.get("job") or it.request_id)
+        elif hp.answers:
             answer = {**meta, "job": it.meta.get("job") or it.request_id}
+            claimed = answer["job"]
             body = self._frame(RESULT, answer, finals, final_codecs, it.request_id)
             key = self.names.result_key(it.meta.get("rt") or answer["job"])
             nbytes = sum(a.nbytes for a in finals.values())
@@ -548,7 +555,7 @@ class ModelServer(Actor):
                             if delay <= 0 else self.spawn(self._publish_later(delay, "results", key, body, headers)))
             self._account_radio(nbytes)
         if nxt is None:
-            self._ack_when_confirmed(it, confirms)
+            self._ack_when_confirmed(it, confirms, answer_of=claimed)
             return
         self.spawn(self._settle_extras(it, "ack"), name="settle_extras")
         self._enqueue(WorkItem(nxt, it.request_id, {n: out[n] for n in nxt.inputs}, it.meta, hops, it.messages,
@@ -560,16 +567,20 @@ class ModelServer(Actor):
         await asyncio.sleep(delay)
         await self.publisher.publish(exchange, key, body, headers=headers, mandatory=False)
 
-    def _ack_when_confirmed(self, it: WorkItem, confirms: list[asyncio.Task], count: bool = True) -> None:
+    def _ack_when_confirmed(self, it: WorkItem, confirms: list[asyncio.Task], count: bool = True,
+                            answer_of: str | None = None) -> None:
         """Ack the request's deliveries once its publishes are confirmed; only then is it done at every part it
         went through here (a redelivery is acked without recomputing). If a publish finally failed, the deliveries
-        go back to the queue and the request is computed again."""
+        go back to the queue and the request is computed again (and the job's answer, `answer_of`, may leave
+        again)."""
         def done(ok: bool) -> None:
             if ok:
                 for stage in (*it.stages, it.part):
                     stage.mark_done(it.request_id)
                 if count:
                     self.stats["processed"] += 1
+            elif answer_of is not None:
+                it.part.release_answer(answer_of)
             self.spawn(self._settle_extras(it, "ack" if ok else "requeue"), name="settle_extras")
 
         self.deliveries.ack_when_confirmed(it.messages, confirms, on_done=done)

@@ -34,6 +34,9 @@ class HostedPart:
         self.joins = JoinBuffer(list(self.inputs), join_buffer)
         self.done: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.done_cache = done_cache
+        # jobs this part has answered (it answers: `answers`): a second attempt of a job that completes here too
+        # (its first one outlived a broker node it was thought lost with) is not answered again
+        self.answered: collections.OrderedDict[str, None] = collections.OrderedDict()
         # requests queued or running here -> further deliveries of their inputs (a redelivery after a channel
         # loss), settled together with the original instead of computing the request twice
         self.running: dict[str, list[AbstractIncomingMessage]] = {}
@@ -48,10 +51,23 @@ class HostedPart:
         return PartRef(deployment=self.deployment, part=self.name, replica=self.replica, replicas=self.replicas)
 
     def mark_done(self, request_id: str) -> None:
-        self.done[request_id] = None
-        self.done.move_to_end(request_id)
-        while len(self.done) > self.done_cache:
-            self.done.popitem(last=False)
+        self._remember(self.done, request_id)
+
+    def claim_answer(self, job_id: str) -> bool:
+        """True the first time a job's answer leaves here (then `release_answer` if its publish fails)."""
+        if job_id in self.answered:
+            return False
+        self._remember(self.answered, job_id)
+        return True
+
+    def release_answer(self, job_id: str) -> None:
+        self.answered.pop(job_id, None)
+
+    def _remember(self, memory: collections.OrderedDict, key: str) -> None:
+        memory[key] = None
+        memory.move_to_end(key)
+        while len(memory) > self.done_cache:
+            memory.popitem(last=False)
 
 
 def answers_alone(manifest: Manifest, part: str) -> bool:

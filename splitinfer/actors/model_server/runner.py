@@ -12,7 +12,7 @@ from splitinfer import _tf  # noqa: F401  (quiet TensorFlow import: a model serv
 import tensorflow as tf
 
 from splitinfer.config import Settings
-from splitinfer.splitter.runtimes import load_part
+from splitinfer.splitter.runtimes import available_runtimes, load_part
 from splitinfer.splitter.tensors import random_inputs
 from splitinfer.splitter.manifest import PartEntry
 
@@ -25,9 +25,13 @@ def configure_tf(settings: Settings) -> None:
 
 
 def load_and_warm(directory: Path, entry: PartEntry, max_batch: int, threads: int | None = None):
-    """Load the part on the runtime its entry names (sha256-checked; a .keras file with safe_mode), then run it
-    so the first request doesn't pay for tracing or the runtime's first-call set-up."""
-    part = load_part(directory, entry, threads=threads)
+    """Load the part on the runtime its entry names (sha256-checked; a .keras file with safe_mode), or on another
+    it has a file for when that one is not installed here, then run it so the first request doesn't pay for
+    tracing or the runtime's first-call set-up."""
+    runtime = entry.runtime_name
+    if runtime not in available_runtimes():  # not installed here: another runtime the part has a file for
+        runtime = next((r for r in entry.runtimes if r in available_runtimes()), runtime)
+    part = load_part(directory, entry, runtime, threads=threads)
     part(random_inputs(entry.inputs, 1, 0))
     if max_batch > 1:  # a second batch size makes reduce_retracing generalise the batch dimension once
         part(random_inputs(entry.inputs, 2, 0))

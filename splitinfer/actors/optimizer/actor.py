@@ -145,7 +145,10 @@ class Optimizer(Actor):
         graph = await self.load_model(req)
         lap("load")
         profile = await self.run_in_worker(lambda: profile_model(graph, cache_dir=self.settings.profile_cache()))
-        cost_graph = cost_graph_from_profile(graph, profile)
+        try:
+            cost_graph = cost_graph_from_profile(graph, profile).keep_on_device(req.keep_on_device)
+        except PlanError as exc:
+            raise DeployError(str(exc)) from None
         lap("profile")
         compression = None
         if req.compression:
@@ -292,7 +295,9 @@ class Optimizer(Actor):
             load = min(MAX_LOAD, (st.cpu_percent or 0.0) / 100.0)
             memory = int(st.memory_limit_mb * 1e6) if st.memory_limit_mb else None
             power = PowerProfile(**st.power.model_dump()) if st.power else None
-            descs.append(ServerDesc(a.actor_id, a.site, speed=speed, load=load, memory=memory, power=power))
+            runtimes = tuple(a.state.runtimes) if a.state.runtimes is not None else None
+            descs.append(ServerDesc(a.actor_id, a.site, speed=speed, load=load, memory=memory, power=power,
+                                    runtimes=runtimes))
         emulated = self.settings.emulate_links  # the emulated links are the network; else nothing is slow
         return cluster_from(descs, client_site,
                             broker=BrokerOverhead.from_ms(self.settings.broker_per_message_ms,

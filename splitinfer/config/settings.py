@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     links: dict[str, LinkSpec] = Field(default_factory=dict)  # "siteA-siteB" -> LinkSpec, symmetric; env: JSON
     default_link: LinkSpec = Field(default_factory=LinkSpec)  # unlisted pairs of sites: no delay
     slowdown: float = Field(default=1.0, ge=1.0)  # a model server's compute takes this many times longer
-    speed_gflops: float | None = None       # configured speed, reported when no cached calibration exists
+    speed_gflops: float | None = None       # configured speed: reported instead of the machine's calibration
+    calibrate_at_start: bool = True         # servers and the optimizer calibrate the machine if none is cached
     battery: bool | None = None             # report a battery (None: only servers at site "device")
     power: PowerSpec = Field(default_factory=PowerSpec)  # the simulated battery's energy model
     battery_capacity_j: float = Field(default=40_000.0, gt=0)  # simulated battery (about 11 Wh)

@@ -57,6 +57,27 @@ def cached_speed_gflops(cache_dir=None) -> float | None:
     return None
 
 
+def speed_gflops(cache_dir=None, measure: bool = True) -> float | None:
+    """This machine's convolution GFLOP/s: its cached calibration, or (`measure`) one measured now and cached,
+    once per machine: processes starting together wait for the first one's measurement instead of all measuring
+    at once on the same cores."""
+    cached = cached_speed_gflops(cache_dir)
+    if cached is not None or not measure:
+        return cached
+    import fcntl
+
+    from splitinfer.monitor.calibration import load_or_calibrate
+
+    path = calibration_path(machine_info().fingerprint, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = cached_speed_gflops(cache_dir)
+        if cached is not None:
+            return cached
+        return float(load_or_calibrate(cache_dir=cache_dir).conv_gflops)
+
+
 def read_battery() -> float | None:
     """The real battery level 0..1 from psutil.sensors_battery(), None when the machine has none."""
     try:

@@ -302,6 +302,10 @@ def test_cli_infer_status_results_and_one_line_errors(cluster, deployed, referen
     st = json.loads(status_json.stdout)
     servers = {a["actor_id"]: a for a in st["actors"] if a["kind"] == "model_server"}
     assert set(servers) == {"phone", "edgebox", "cloud"} and all(a["alive"] for a in servers.values())
+    # each server measured this machine's speed at start (once per machine, cached) and reports it, with the
+    # part runtimes it can load
+    assert all(a["state"]["speed_gflops"] and a["state"]["speed_gflops"] > 0 for a in servers.values()), servers
+    assert all("onnxruntime" in a["state"]["runtimes"] for a in servers.values())
     assert {a["kind"] for a in st["actors"]} >= {"registry", "model_pool", "front_end", "result_store"}
     assert set(st["deployments"][dep]) == {"part0", "part1", "part2"}
     assert Names(cluster.ns).jobs in st["queues"]

@@ -67,7 +67,7 @@ from splitinfer.messages import (
 )
 from splitinfer.messages.frames import CARRIED, RESULT, TENSORS, Frame, decode_frame, encode_frame
 from splitinfer.monitor.links import LinkEmulator
-from splitinfer.monitor.runtime import cached_speed_gflops
+from splitinfer.monitor.runtime import speed_gflops
 from splitinfer.splitter.manifest import Manifest
 
 
@@ -104,8 +104,9 @@ class ModelServer(Actor):
             [self.names.load_key(self.id), self.names.unload_key(self.id), "register.*"], self.connection.policy)
         await self.consume(q, self._on_control)
         await follow_links(self)  # SetLinks orders and network probes
-        if self.monitor.speed_gflops is None:
-            self.monitor.speed_gflops = await self.run_in_worker(cached_speed_gflops, self.settings.cache_dir)
+        if self.monitor.speed_gflops is None:  # measured once per machine (cached), so the planner knows this one
+            self.monitor.speed_gflops = await self.run_in_worker(speed_gflops, self.settings.profile_cache(),
+                                                                 self.settings.calibrate_at_start)
         self.network.start()
         self.spawn(self._worker(), name="worker")
         if self.initial_parts:

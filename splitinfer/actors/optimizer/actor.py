@@ -53,7 +53,7 @@ from splitinfer.messages import (
     plan_deployment_name,
 )
 from splitinfer.monitor import measure_compression, profile_model
-from splitinfer.monitor.runtime import cached_speed_gflops
+from splitinfer.monitor.runtime import speed_gflops
 from splitinfer.planner import (
     BrokerOverhead,
     Cluster,
@@ -95,7 +95,8 @@ class Optimizer(Actor):
         q = await declare_control_queue(self.channel, self.names, self.names.optimizer_queue,
                                         [Names.OPTIMIZER_DEPLOY, Names.OPTIMIZER_UNDEPLOY], self.connection.policy)
         await self.consume(q, self._on_message)
-        self.reference_gflops = await self.run_in_worker(cached_speed_gflops, self.settings.cache_dir)
+        self.reference_gflops = await self.run_in_worker(speed_gflops, self.settings.profile_cache(),
+                                                         self.settings.calibrate_at_start)
         self.spawn(self._replan_loop(), name="replan")
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

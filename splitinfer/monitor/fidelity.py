@@ -177,7 +177,8 @@ def compression_entries(
 ) -> tuple[list[CompressionEntry], dict]:
     """Measure without caching: the entries, and the profile fields that describe the comparison
     (top1_output, top1_by_error, output_spread)."""
-    from splitinfer.splitter.build import CompiledPart, build_part  # lazy: loads TensorFlow
+    from splitinfer.splitter.build import build_part  # lazy: loads TensorFlow
+    from splitinfer.splitter.keras_parts import CompiledPart
     from splitinfer.splitter.tensors import random_inputs
 
     finals = list(graph.outputs)

@@ -8,7 +8,7 @@ checks, the client) should not pay for it.
 from splitinfer._lazy import lazy_exports
 
 _LAZY = {
-    "CompiledPart": "build", "build_part": "build", "load_part_model": "build", "load_source_model": "build", "load_graph": "build",
+    "CompiledPart": "keras_parts", "build_part": "build", "load_part_model": "keras_parts", "load_source_model": "build", "load_graph": "build",
     "random_inputs": "tensors", "run_parts": "verify", "save_split": "build",
     "verify_split": "build",
     "SplitError": "errors",

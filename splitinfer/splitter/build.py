@@ -33,6 +33,7 @@ from splitinfer.splitter.manifest import (
     TensorSpec,
     file_sha256,
 )
+from splitinfer.splitter.keras_parts import LAYER_PACKAGES, CompiledPart, load_part_model
 from splitinfer.splitter.partition import PartSpec, split_id_of
 from splitinfer.splitter.runtimes import load_parts
 from splitinfer.splitter.tensors import random_array, tensor_error
@@ -241,9 +242,6 @@ def save_split(
     return manifest
 
 
-# packages whose Keras layers a part may need registered before it loads: imported by name on the servers, so only
-# these (no arbitrary code); a part using layers of any other module is saved as ONNX instead
-LAYER_PACKAGES = ("keras_hub", "keras_nlp", "keras_cv", "keras_rs")
 EXPORTERS = {"onnx": lambda model, path: export_onnx(model, path), "tflite": lambda model, path: export_litert(model, path)}
 
 
@@ -262,19 +260,6 @@ def _all_layers(model) -> list:
         stack.extend(getattr(layer, "layers", None) or [])
         stack.extend(getattr(layer, "_layers", None) or [])
     return found
-
-
-def import_layer_packages(packages: Sequence[str]) -> None:
-    """Import the allow-listed packages a part's manifest entry names, so their layers are registered."""
-    import importlib
-
-    for name in packages:
-        if name not in LAYER_PACKAGES:
-            raise SplitError(f"a part asks for package {name!r}, not one of {', '.join(LAYER_PACKAGES)}")
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            raise SplitError(f"a part needs the {name} package: pip install {name.replace('_', '-')}") from None
 
 
 def _reload_problem(model: keras.Model, path: Path, foreign: list[str]) -> str | None:
@@ -327,23 +312,6 @@ def save_part(model: keras.Model, out: Path, name: str, exports: Sequence[str] =
         EXPORTERS[fmt](model, target)
         fields["exports"][fmt] = PartFile(file=target.name, sha256=file_sha256(target))
     return fields
-
-
-def load_part_model(path: Path, expected_sha256: str | None = None, packages: Sequence[str] = ()) -> keras.Model:
-    """Load one saved part with safe_mode=True (the allow-listed `packages` its layers need imported first),
-    refusing a file whose hash does not match the manifest."""
-    path = Path(path)
-    if not path.exists():
-        raise SplitError(f"part file missing: {path}")
-    if not path.is_file():
-        raise SplitError(f"part file {path} is not a file")
-    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
-        raise SplitError(f"part file {path} does not match the manifest's sha256")
-    import_layer_packages(packages)
-    try:
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as exc:
-        raise SplitError(f"cannot load part {path}: {error_line(exc)}") from None
 
 
 def _as_called(model: keras.Model, values: list):
@@ -411,43 +379,6 @@ def _captures_as_weights(model: keras.Model, path: Path) -> None:
     exported.graph.input.extend(kept)
     exported.graph.initializer.extend(numpy_helper.from_array(np.asarray(values[n]), n) for n in extra)
     onnx.save(exported, str(path))
-
-
-class CompiledPart:
-    """A part as one traced tf.function: the way servers run parts (eager per call is ~10x slower).
-
-    Called through its concrete function, traced once for the model's input specs with a free batch dimension:
-    that skips tf.function's per-call argument matching (about 0.4 ms of a 5 ms part here). Inputs the concrete
-    function refuses (another dtype or rank) go through the polymorphic function, which traces for them."""
-
-    def __init__(self, model: keras.Model, input_names: Sequence[str], output_names: Sequence[str]):
-        self.model = model
-        self.input_names = list(input_names)
-        self.output_names = list(output_names)
-        self._fn = tf.function(lambda xs: model(xs, training=False), reduce_retracing=True)
-        self._concrete = None
-        try:
-            specs = [tf.TensorSpec([None, *kt.shape[1:]] if kt.shape and kt.shape[0] is None else kt.shape,
-                                   dtype=kt.dtype) for kt in model.inputs]
-            self._concrete = tf.function(lambda *xs: model(list(xs), training=False)).get_concrete_function(*specs)
-        except Exception:  # a model the signature cannot describe: the polymorphic function serves it
-            self._concrete = None
-
-    def __call__(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [t for t in self.input_names if t not in tensors]
-        if missing:
-            raise SplitError(f"part {self.model.name} is missing input {missing[0]!r}")
-        xs = [tensors[t] for t in self.input_names]
-        outs = None
-        if self._concrete is not None:
-            try:
-                outs = self._concrete(*xs)
-            except (TypeError, ValueError):
-                outs = None
-        if outs is None:
-            outs = self._fn(xs)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        return {name: np.asarray(o) for name, o in zip(self.output_names, outs)}
 
 
 def full_model_outputs(model: keras.Model, manifest: Manifest, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

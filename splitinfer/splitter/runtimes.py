@@ -144,7 +144,7 @@ def load_part(directory: Path, entry: PartEntry, runtime: str | None = None, thr
         if "litert" not in available_runtimes():
             raise SplitError(f"part {entry.name} runs on litert: install the ai-edge-litert package")
         return LiteRtPart(path, inputs, outputs, threads, label=entry.name)
-    from splitinfer.splitter.build import CompiledPart, load_part_model  # lazy: loads TensorFlow
+    from splitinfer.splitter.keras_parts import CompiledPart, load_part_model  # lazy: loads TensorFlow
 
     return CompiledPart(load_part_model(path, packages=entry.packages), inputs, outputs)
 

@@ -122,6 +122,24 @@ def test_an_error_from_a_superseded_attempt_does_not_answer_the_job():
     assert t.by_request == {} and t.pending == {}
 
 
+def test_lost_inputs_send_the_job_again_at_once_and_answer_only_when_retries_or_time_run_out():
+    t = JobTracker(max_retries=1, grace_s=0.0)
+    t.admit(job(attempt_timeout_s=5.0, deadline_s=10.0), now=0.0)
+    # a join timed out: its other inputs were lost with a broker node; no answer, a retry at the next tick
+    assert t.on_error("j1", "join_timeout", "inputs did not arrive", now=1.0) is None
+    assert t.next_wakeup(now=1.0) == 0.0
+    retries, answers = t.tick(now=1.0)
+    assert [r.request_id for r in retries] == ["j1~1"] and answers == []
+    # the retry budget spent: the same error now answers the job
+    ans = t.on_error("j1~1", "join_timeout", "inputs did not arrive again", now=2.0)
+    assert ans is not None and ans.code == "join_timeout"
+    # a job its sender re-sends: swallowed (the sender tries again), and the deadline says what went wrong
+    t.admit(job("c1", deadline_s=3.0), now=0.0, retries=False)
+    assert t.on_error("c1", "join_timeout", "inputs did not arrive", now=1.0) is None
+    _, answers = t.tick(now=3.0)
+    assert [a.code for a in answers] == ["deadline_exceeded"] and "join_timeout" in answers[0].message
+
+
 def test_next_wakeup_is_the_nearest_deadline_or_retry():
     t = JobTracker(grace_s=0.0)
     assert t.next_wakeup(now=0.0) == 1.0

@@ -387,6 +387,8 @@ class FrontEnd(Actor):
             answer = self.tracker.on_error(err.job_id, err.code, f"{err.message} (at {err.where})")
             if answer is not None:
                 await self._answer(answer)
+            else:
+                self._wake.set()  # a job whose tensors were lost goes again now (the timer loop sends it)
 
     async def _on_final_output(self, message: AbstractIncomingMessage) -> None:
         """A final output of a deployment whose outputs leave from several parts: part of an answer to assemble."""

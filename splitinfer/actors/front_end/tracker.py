@@ -25,7 +25,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from splitinfer.actors.transport.retry import DEADLINE_GRACE_S, JOB_RETRIES, JOB_RETRY_SHARE
+from splitinfer.actors.transport.retry import DEADLINE_GRACE_S, JOB_RETRIES, JOB_RETRY_SHARE, LOST_INPUT_ERRORS
 
 RETRY_SEP = "~"
 ANSWERED_MEMORY = 10_000
@@ -69,6 +69,8 @@ class PendingJob:
     requests: list[str] = field(default_factory=list)  # request ids of attempts its sender made
     also_reply: list[str] = field(default_factory=list)  # reply_to of the same job id submitted again meanwhile
     generation: int = 0           # the connection (its reconnect count) its deliveries came on
+    lost: bool = False            # its attempt's tensors were lost (LOST_INPUT_ERRORS): re-send it at once
+    last_error: str = ""          # the last such error, for the deadline's message
 
     @property
     def request_id(self) -> str:
@@ -165,6 +167,7 @@ class JobTracker:
         """The job's next attempt starts now, under its own request id (every attempt's id stays the job's)."""
         job.attempt += 1
         job.attempt_started = now
+        job.lost = False
         self.by_request[job.request_id] = job.job_id
         return job
 
@@ -206,6 +209,15 @@ class JobTracker:
         if job is None or request_id != self._latest_request(job):
             return None
         now = time.monotonic() if now is None else now
+        if code in LOST_INPUT_ERRORS and now < job.deadline and not job.outputs:
+            # tensors lost on the way, not a bad job: it goes again (ours: at the next tick, while the retry budget
+            # lasts; a sender's own job: on its sender's timer), and its deadline answers it if nothing comes
+            job.last_error = f"{code}: {message}"
+            if not job.resend:
+                return None
+            if job.attempt < self.max_retries:
+                job.lost = True
+                return None
         return self._finish(job, Answer(job, "error", code, message), now)
 
     # -- time passing
@@ -222,18 +234,19 @@ class JobTracker:
                     job, "error", "deadline_exceeded",
                     f"job {job.job_id} got no result within its deadline of {job.deadline - job.received_at:.3g}s "
                     f"({job.attempt + 1} attempt{'s' if job.attempt else ''}; "
-                    f"outputs missing: {', '.join(t for t in job.final_outputs if t not in job.outputs)})"), now))
+                    f"outputs missing: {', '.join(t for t in job.final_outputs if t not in job.outputs)}"
+                    + (f"; last error {job.last_error}" if job.last_error else "") + ")"), now))
             elif (job.resend and job.attempt < self.max_retries and not job.outputs
-                  and now - job.attempt_started >= max(job.attempt_timeout_s,
-                                                       (expected(job.deployment) or 0.0) if expected else 0.0)):
+                  and (job.lost or now - job.attempt_started >= max(
+                      job.attempt_timeout_s, (expected(job.deployment) or 0.0) if expected else 0.0))):
                 retries.append(self._next_attempt(job, now))
         return retries, answers
 
     def next_wakeup(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         times = [j.deadline + self.grace_s for j in self.pending.values()]
-        times += [j.attempt_started + j.attempt_timeout_s for j in self.pending.values()
-                  if j.resend and j.attempt < self.max_retries and not j.outputs]
+        times += [j.attempt_started if j.lost else j.attempt_started + j.attempt_timeout_s
+                  for j in self.pending.values() if j.resend and j.attempt < self.max_retries and not j.outputs]
         return max(0.0, min(times) - now) if times else 1.0
 
     # -- bookkeeping

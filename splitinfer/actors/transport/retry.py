@@ -57,6 +57,9 @@ CLIENT_CONNECT_TIMEOUT_S = 5.0
 RESTART = Backoff(attempts=9, first_s=0.5, max_s=10.0)
 HEALTHY_AFTER_S = 60.0
 # The front end re-sends a job whose attempt produced nothing after this share of its deadline, this many times.
+# errors that say an attempt's tensors were lost on the way (a join whose other inputs never came: they went down with
+# a broker node), not that the job is wrong: another attempt may well succeed, so they answer no job by themselves
+LOST_INPUT_ERRORS = frozenset({"join_timeout"})
 JOB_RETRIES = 1
 JOB_RETRY_SHARE = 0.5
 # The front end answers `deadline_exceeded` this long after a job's deadline: an answer the last part published just

@@ -17,16 +17,21 @@ from splitinfer.messages import PartRef
 
 
 class DesiredParts:
+    """Read from its file once, then kept in memory (the server reads it every heartbeat; it alone writes it: one
+    process per server id)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._refs: list[PartRef] | None = None
 
     def load(self) -> list[PartRef]:
         """The parts to host; none when the file is absent or unreadable (then the server starts empty)."""
-        try:
-            rows = json.loads(self.path.read_text())
-            return [PartRef.model_validate(r) for r in rows]
-        except (OSError, ValueError, TypeError):
-            return []
+        if self._refs is None:
+            try:
+                self._refs = [PartRef.model_validate(r) for r in json.loads(self.path.read_text())]
+            except (OSError, ValueError, TypeError):
+                self._refs = []
+        return list(self._refs)
 
     def add(self, ref: PartRef) -> None:
         self._save([r for r in self.load() if (r.deployment, r.part) != (ref.deployment, ref.part)] + [ref])
@@ -35,9 +40,11 @@ class DesiredParts:
         kept = [r for r in self.load() if (r.deployment, r.part) != (deployment, part)]
         if self.path.exists():
             self._save(kept)
+        self._refs = kept
 
     def _save(self, refs: list[PartRef]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps([r.model_dump() for r in refs]))
         os.replace(tmp, self.path)
+        self._refs = list(refs)

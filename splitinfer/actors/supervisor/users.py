@@ -86,7 +86,8 @@ def create_users(ns: str, prefix: str, roles: tuple[str, ...] = ROLES, vhost: st
     existing = set(_ctl(node, "-q", "list_users", "--no-table-headers").split())
     made = {}
     for role in roles:
-        user, password = user_name(prefix, role), secrets.token_urlsafe(18)
+        # hex: a password starting with '-' would read as an option to rabbitmqctl
+        user, password = user_name(prefix, role), secrets.token_hex(16)
         perms = role_permissions(ns, role)
         if user in existing:
             _ctl(node, "change_password", user, password)

@@ -26,15 +26,12 @@ from splitinfer.splitter.manifest import (
     APPLICATIONS_PREFIX,
     SOURCE_FILE,
     Manifest,
-    PartEntry,
     PartFile,
-    PartOutput,
     SourceModel,
-    TensorSpec,
     file_sha256,
 )
 from splitinfer.splitter.keras_parts import LAYER_PACKAGES, CompiledPart, load_part_model
-from splitinfer.splitter.partition import PartSpec, split_id_of
+from splitinfer.splitter.partition import PartSpec, split_id_of, split_manifest
 from splitinfer.splitter.runtimes import load_parts
 from splitinfer.splitter.tensors import random_array, tensor_error
 from splitinfer.splitter.verify import compare_split, handed_over, runtime_sets
@@ -198,46 +195,17 @@ def save_split(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source_hash = model_hash(graph.model)
-    consumers: dict[str, list[str]] = {}
+    files = {}
     for p in parts:
-        for t in p.inputs:
-            consumers.setdefault(t, []).append(p.name)
-    finals = set(graph.outputs)
-    entries = []
-    for p in parts:
-        files = save_part(build_part(graph, p), out, p.name,
-                          exports.get(p.name, ()) if isinstance(exports, Mapping) else exports)
-        entries.append(
-            PartEntry(
-                name=p.name,
-                inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in p.inputs],
-                outputs=[
-                    PartOutput(**graph.tensors[t].to_json(), consumers=consumers.get(t, []), final=t in finals)
-                    for t in p.outputs
-                ],
-                operations=list(p.nodes),
-                **files,
-            )
-        )
+        files[p.name] = save_part(build_part(graph, p), out, p.name,
+                                  exports.get(p.name, ()) if isinstance(exports, Mapping) else exports)
         if progress:
             progress(p.name)
     graph.model.save(out / SOURCE_FILE)
     source_packages, _ = layer_packages(graph.model)
-    manifest = Manifest(
-        split_id=split_id_of(source_hash, parts),
-        source=SourceModel(
-            name=graph.model.name,
-            sha256=source_hash,
-            origin=origin,
-            file=SOURCE_FILE,
-            file_sha256=file_sha256(out / SOURCE_FILE),
-            packages=source_packages,
-        ),
-        inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.inputs],
-        outputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.outputs],
-        output_keys=graph.output_keys,
-        parts=entries,
-    )
+    source = SourceModel(name=graph.model.name, sha256=source_hash, origin=origin, file=SOURCE_FILE,
+                         file_sha256=file_sha256(out / SOURCE_FILE), packages=source_packages)
+    manifest = split_manifest(graph, parts, files, source, split_id_of(source_hash, parts))
     manifest.save(out)
     return manifest
 

@@ -16,14 +16,11 @@ from splitinfer.splitter.errors import SplitError
 from splitinfer.splitter.manifest import (
     ONNX_SOURCE_FILE,
     Manifest,
-    PartEntry,
-    PartOutput,
     SourceModel,
-    TensorSpec,
     file_sha256,
 )
 from splitinfer.splitter.onnx_graph import OnnxGraph, load_onnx_model
-from splitinfer.splitter.partition import PartSpec, split_id_of
+from splitinfer.splitter.partition import PartSpec, split_id_of, split_manifest
 from splitinfer.splitter.runtimes import OnnxPart, load_parts
 from splitinfer.splitter.verify import compare_split, handed_over, runtime_sets
 
@@ -63,31 +60,17 @@ def save_onnx_split(graph: OnnxGraph, parts: Sequence[PartSpec], out_dir: Path, 
     """Build, save and hash every part, save the source model for verify, and write the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    consumers: dict[str, list[str]] = {}
-    for p in parts:
-        for t in p.inputs:
-            consumers.setdefault(t, []).append(p.name)
-    finals = set(graph.outputs)
-    entries = []
+    files = {}
     for p in parts:
         fname = f"{p.name}.onnx"
         onnx.save(build_onnx_part(graph, p), out / fname)
-        entries.append(PartEntry(
-            name=p.name, file=fname, sha256=file_sha256(out / fname), format="onnx",
-            inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in p.inputs],
-            outputs=[PartOutput(**graph.tensors[t].to_json(), consumers=consumers.get(t, []), final=t in finals)
-                     for t in p.outputs],
-            operations=list(p.nodes)))
+        files[p.name] = {"file": fname, "sha256": file_sha256(out / fname), "format": "onnx"}
         if progress:
             progress(p.name)
     onnx.save(graph.model, out / ONNX_SOURCE_FILE)
-    manifest = Manifest(
-        split_id=split_id_of(graph.model_hash, parts),
-        source=SourceModel(name=graph.name, sha256=graph.model_hash, origin=origin, format="onnx",
-                           file=ONNX_SOURCE_FILE, file_sha256=file_sha256(out / ONNX_SOURCE_FILE)),
-        inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.inputs],
-        outputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.outputs],
-        parts=entries)
+    source = SourceModel(name=graph.name, sha256=graph.model_hash, origin=origin, format="onnx",
+                         file=ONNX_SOURCE_FILE, file_sha256=file_sha256(out / ONNX_SOURCE_FILE))
+    manifest = split_manifest(graph, parts, files, source, split_id_of(graph.model_hash, parts))
     manifest.save(out)
     return manifest
 

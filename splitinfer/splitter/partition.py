@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from splitinfer.splitter.errors import SplitError
+from splitinfer.splitter.manifest import Manifest, PartEntry, PartOutput, SourceModel, TensorSpec
 
 if TYPE_CHECKING:  # the graph is built by whoever calls; this module loads without TensorFlow
     from splitinfer.splitter.graph import ModelGraph
@@ -28,6 +29,34 @@ def split_id_of(source_hash: str, parts: Sequence[PartSpec]) -> str:
     for p in parts:
         h.update(("|".join(p.nodes) + "#").encode())
     return h.hexdigest()[:16]
+
+
+def split_manifest(graph, parts: Sequence[PartSpec], files: Mapping[str, dict], source: SourceModel,
+                   split_id: str) -> Manifest:
+    """The manifest of a split, whatever the model's framework: each part's tensors (its outputs with the parts
+    that consume them and whether they are final), its operations and `files[part name]` (the PartEntry fields of
+    its files), the model's inputs and outputs and `source` (a SourceModel)."""
+    consumers: dict[str, list[str]] = {}
+    for p in parts:
+        for t in p.inputs:
+            consumers.setdefault(t, []).append(p.name)
+    finals = set(graph.outputs)
+    entries = [
+        PartEntry(
+            name=p.name,
+            inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in p.inputs],
+            outputs=[PartOutput(**graph.tensors[t].to_json(), consumers=consumers.get(t, []), final=t in finals)
+                     for t in p.outputs],
+            operations=list(p.nodes),
+            **files[p.name],
+        )
+        for p in parts
+    ]
+    return Manifest(
+        split_id=split_id, source=source,
+        inputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.inputs],
+        outputs=[TensorSpec(**graph.tensors[t].to_json()) for t in graph.outputs],
+        output_keys=graph.output_keys, parts=entries)
 
 
 def _finish(graph: ModelGraph, groups: list[list[str]]) -> list[PartSpec]:

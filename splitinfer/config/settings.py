@@ -99,6 +99,15 @@ class Settings(BaseSettings):
     broker_per_message_ms: float = Field(default=5.2, ge=0)
     broker_per_mb_ms: float = Field(default=3.3, ge=0)
     replan_interval_s: float = Field(default=10.0, ge=0)  # re-predict deployed plan tables from live state; 0: off
+    # Run-time re-planning (planner/adaptive.py): deploy a new plan when planning now beats every deployed plan by
+    # replan_threshold on the objective at replan_hold checks in a row, at most once per replan_cooldown_s; retire
+    # plans no request would get for replan_retire_after_s; a table never holds more than replan_max_plans.
+    adaptive_replanning: bool = True
+    replan_threshold: float = Field(default=0.15, ge=0, lt=1)
+    replan_hold: int = Field(default=2, ge=1)
+    replan_cooldown_s: float = Field(default=30.0, ge=0)
+    replan_retire_after_s: float = Field(default=300.0, ge=0)
+    replan_max_plans: int = Field(default=8, ge=1)
     deploy_timeout_s: float = Field(default=600.0, gt=0)  # a deploy (profile, split, upload, load) gives up after this
     # Profiles and calibrations belong to the machine, not to a cluster: a scratch cluster (tests, the demo) keeps
     # its pool and logs in a cache_dir of its own but reuses this one. None: cache_dir.

@@ -114,6 +114,8 @@ class PlanTableMessage(Message):
     cost_graph: dict[str, Any] = Field(default_factory=dict)
     origin: str = ""
     input_shape: list[int] | None = None
+    servers: list[Id] = Field(default_factory=list)  # the deploy's own choice of servers ([]: every live one)
+    client_site: str | None = None                  # the deploy's client site (None: the front end's)
     deployed_at: float = 0.0
     removed: bool = False
     at: float = Field(default_factory=time.time)

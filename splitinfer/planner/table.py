@@ -34,6 +34,7 @@ class PlanTable:
     primary: str = ""
     sla: float | None = None
     compression: dict[str, dict[str, float]] = field(default_factory=dict)
+    revision: int = 0  # how many times run-time re-planning changed it (new plans are named r<revision>)
 
     def __iter__(self):
         return iter(self.plans)
@@ -50,14 +51,16 @@ class PlanTable:
     def to_json(self) -> dict:
         return {"model": self.model, "client": self.client, "servers": self.servers,
                 "plans": [p.to_json() for p in self.plans], "name": self.name, "objective": self.objective,
-                "primary": self.primary, "sla": self.sla, "compression": self.compression}
+                "primary": self.primary, "sla": self.sla, "compression": self.compression,
+                "revision": self.revision}
 
     @classmethod
     def from_json(cls, data: Mapping) -> PlanTable:
         return cls(data["model"], data["client"], list(data["servers"]), [Plan.from_json(p) for p in data["plans"]],
                    name=data.get("name", ""), objective=data.get("objective", "latency"),
                    primary=data.get("primary", ""), sla=data.get("sla"),
-                   compression={t: dict(c) for t, c in (data.get("compression") or {}).items()})
+                   compression={t: dict(c) for t, c in (data.get("compression") or {}).items()},
+                revision=int(data.get("revision", 0)))
 
 
 def build_plan_table(

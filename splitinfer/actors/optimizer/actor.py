@@ -16,7 +16,12 @@
 
 Afterwards, every settings.replan_interval_s, it re-predicts the plans of every model deployment from the live
 state (planner.repredict: speeds, loads, links) and pushes the table again, so per-job plan choice in the front
-end uses current figures. `UndeployModel` on `optimizer.undeploy` unloads a model's plans and deletes them.
+end uses current figures. With settings.adaptive_replanning it also plans again on that state
+(planner.adaptive): a plan that beats every deployed one by the threshold, checks in a row, is split, uploaded
+and loaded as `<name>:r<revision>` (all or nothing), joins the table as its primary and is pushed, so jobs switch
+to it; plans no request would get for a while leave the table and, once jobs in flight have had their deadline,
+their servers. Each change is logged (`replanned`, `retired`) with the predictions before and after.
+`UndeployModel` on `optimizer.undeploy` unloads a model's plans and deletes them.
 
     python -m splitinfer.actors.optimizer [--id optimizer]
 """
@@ -67,6 +72,8 @@ from splitinfer.planner import (
     plan_deployment,
     repredict,
 )
+from splitinfer.planner.adaptive import Improvement, ReplanPolicy, Replanner, better_plan
+from splitinfer.planner.plan import Plan
 from splitinfer.splitter import ModelGraph, SplitError, load_source_model, save_split, split_by_groups
 from splitinfer.splitter.manifest import RUNTIME_FORMATS, Manifest
 
@@ -88,7 +95,12 @@ class Optimizer(Actor):
         self.orders = ServerOrders(self.rpc, self.names)
         self._lock = asyncio.Lock()
         self.models: dict[str, tuple[PlanTable, CostGraph, PlanTableMessage]] = {}
+        self.sources: dict[str, ModelGraph] = {}  # each model deployment's source graph, to split new plans from
+        self.replanners: dict[str, Replanner] = {}
         self.reference_gflops: float | None = None
+        st = self.settings
+        self.policy = ReplanPolicy(threshold=st.replan_threshold, hold=st.replan_hold, cooldown_s=st.replan_cooldown_s,
+                                   max_plans=st.replan_max_plans, retire_after_s=st.replan_retire_after_s)
 
     async def setup(self) -> None:
         configure_tf(self.settings)  # profile the way servers run: settings.intra_op_threads
@@ -165,28 +177,31 @@ class Optimizer(Actor):
                  plans=[f"{p.id}: {p.describe()} {p.latency * 1e3:.1f} ms" for p in table.plans])
         deployed: list[tuple[str, dict[str, list[str]]]] = []
         try:
-            await self._deploy_plans(graph, req, table, deployed)
+            await self._deploy_plans(graph, req.name, req.model, table.plans, deployed)
             lap("split_upload_load")
             doc = PlanTableMessage(name=req.name, table=table.to_json(), cost_graph=cost_graph.to_json(),
-                                   origin=req.model, input_shape=req.input_shape, deployed_at=time.time())
+                                   origin=req.model, input_shape=req.input_shape, servers=req.servers,
+                                   client_site=req.client_site, deployed_at=time.time())
             await self.pool.store_plan_table(doc)
         except BaseException:
             await self._roll_back(req.name, deployed)
             raise
         self.models[req.name] = (table, cost_graph, doc)
+        self.sources[req.name] = graph
+        self.replanners.pop(req.name, None)
         await self._push(req.name)
         return DeployReply(name=req.name, message=f"{req.name}: {len(table.plans)} plan(s) serving, primary "
                                                   f"{table.primary}",
                            table=table.to_json(), timings_s=timings,
                            deployments={p.id: plan_deployment_name(req.name, p.id) for p in table.plans})
 
-    async def _deploy_plans(self, graph: ModelGraph, req: DeployModel, table: PlanTable,
+    async def _deploy_plans(self, graph: ModelGraph, name: str, origin: str, plans: list[Plan],
                             deployed: list[tuple[str, dict[str, list[str]]]]) -> None:
         """Split, upload and load every plan; `deployed` lists what went out (for a roll-back)."""
         deadline = time.monotonic() + self.settings.deploy_timeout_s
         with tempfile.TemporaryDirectory(prefix="splitinfer-opt-") as tmp:
-            for plan in table.plans:
-                dep = plan_deployment_name(req.name, plan.id)
+            for plan in plans:
+                dep = plan_deployment_name(name, plan.id)
                 out = Path(tmp) / plan.id
                 where = plan.assignment()
 
@@ -196,7 +211,7 @@ class Optimizer(Actor):
                     runtime = {n: p.runtime for p in plan.parts for n in p.nodes}
                     chosen = {s.name: runtime.get(s.nodes[0]) or "tf" for s in specs}
                     exports = {name: [RUNTIME_FORMATS[r]] for name, r in chosen.items() if r != "tf"}
-                    manifest = save_split(graph, specs, out, origin=req.model, exports=exports)
+                    manifest = save_split(graph, specs, out, origin=origin, exports=exports)
                     for part in manifest.parts:  # the cut tensors the plan sends compressed
                         part.runtime = chosen[part.name] if chosen[part.name] in part.runtimes else None
                         for o in part.outputs:
@@ -216,13 +231,16 @@ class Optimizer(Actor):
 
     async def _roll_back(self, name: str, deployed: list[tuple[str, dict[str, list[str]]]]) -> None:
         """Unload what was loaded, delete what was stored: a failed deploy leaves nothing behind."""
+        await self._remove_deployments(deployed)
+        await self.pool.delete(name)
+        self.log.warning("rolled_back", name=name, deployments=[d for d, _ in deployed])
+
+    async def _remove_deployments(self, deployed: list[tuple[str, dict[str, list[str]]]]) -> None:
         for dep, placement in deployed:
             if placement:
                 await self.orders.unload(dep, placement)
                 await self._delete_queues(dep, placement)
             await self.pool.delete(dep)
-        await self.pool.delete(name)
-        self.log.warning("rolled_back", name=name, deployments=[d for d, _ in deployed])
 
     async def _delete_queues(self, dep: str, placement: dict[str, list[str]]) -> None:
         try:
@@ -255,6 +273,8 @@ class Optimizer(Actor):
             await self._unload_everywhere(plan_deployment_name(name, plan.id))
         r = await self.pool.delete(name)
         self.models.pop(name, None)
+        self.sources.pop(name, None)
+        self.replanners.pop(name, None)
         # front ends forget the table
         await self.publisher.publish("control", Names.plans_key(name), PlanTableMessage(name=name, removed=True),
                                      mandatory=False)
@@ -332,7 +352,8 @@ class Optimizer(Actor):
             if self._lock.locked():
                 continue
             try:
-                await self.replan()
+                async with self._lock:  # a deploy or undeploy waits for a re-plan in progress, and the other way
+                    await self.replan()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -361,12 +382,95 @@ class Optimizer(Actor):
             state = await self.state_pool.get_state(timeout=min(5.0, self.settings.rpc_timeout_s))
         except Exception:
             state = None
-        for name, (table, cost_graph, _) in list(self.models.items()):
-            cluster = self.make_cluster(live, front[0] if front else "", state)
+        for name, (table, cost_graph, doc) in list(self.models.items()):
+            servers = [a for a in live if not doc.servers or a.actor_id in doc.servers]
+            if not servers:
+                continue
+            site = doc.client_site if doc.client_site is not None else (front[0] if front else "")
+            cluster = self.make_cluster(servers, site, state)
             if cluster.client != table.client:  # the device is down: keep the deploy-time figures
                 continue
-            if repredict(table, cost_graph, cluster):
+            changed = bool(repredict(table, cost_graph, cluster))
+            if self.settings.adaptive_replanning:
+                changed = await self.adapt(name, cluster) or changed
+            if changed:
                 await self._push(name)
+
+    # ------------------------------------------------------------------ run-time re-planning
+    async def adapt(self, name: str, cluster: Cluster) -> bool:
+        """Plan again on the live cluster; deploy a plan that beats the table by the policy's margin, retire plans
+        nobody would get. True when the table changed."""
+        table, cost_graph, _ = self.models[name]
+        replanner = self.replanners.get(name)
+        if replanner is None:
+            deployed_at_start = sum(not p.id.startswith("r") for p in table.plans) or len(table.plans)
+            replanner = self.replanners[name] = Replanner(self.policy, deployed_at_start)
+        snapshot = PlanTable.from_json(table.to_json())  # planned in a worker thread: never the live table
+        found = await self.run_in_worker(
+            lambda: better_plan(snapshot, cost_graph, cluster, self.policy.threshold,
+                                compression=snapshot.compression or None))
+        now = time.monotonic()
+        changed = False
+        if replanner.observe(found, now):
+            changed = await self._adopt(name, found, replanner)
+        stale = replanner.stale(table, now)
+        if stale:
+            await self._retire(name, stale)
+            changed = True
+        return changed
+
+    async def _adopt(self, name: str, found: Improvement, replanner: Replanner) -> bool:
+        table, cost_graph, doc = self.models[name]
+        table.revision += 1  # a plan id is never reused, even after a failed try (its queues may linger)
+        plan = found.plan
+        plan.id = f"r{table.revision}"
+        deployed: list[tuple[str, dict[str, list[str]]]] = []
+        t0 = time.monotonic()
+        try:
+            graph = await self._source_graph(name, doc)
+            await self._deploy_plans(graph, name, doc.origin, [plan], deployed)
+            table.plans.append(plan)
+            table.primary = plan.id
+            table.servers = sorted(set(table.servers) | plan.servers)
+            await self.pool.store_plan_table(doc.model_copy(update={"table": table.to_json(), "at": time.time()}))
+        except Exception as exc:
+            if table.plans and table.plans[-1] is plan:
+                table.plans.pop()
+            await self._remove_deployments(deployed)
+            replanner.failed(time.monotonic())
+            self.log.warning("replan_failed", deployment=name, plan=plan.id, error=first_line(exc))
+            return False
+        replanner.adopted(time.monotonic())
+        self.log("replanned", deployment=name, plan=plan.id, seconds=round(time.monotonic() - t0, 2),
+                 **found.describe(table))
+        return True
+
+    async def _retire(self, name: str, plan_ids: list[str]) -> None:
+        """Out of the table now (front ends stop choosing them); off the servers once jobs already sent on them
+        have had their deadline."""
+        table, _, doc = self.models[name]
+        gone = [p for p in table.plans if p.id in plan_ids]
+        table.plans = [p for p in table.plans if p.id not in plan_ids]
+        await self.pool.store_plan_table(doc.model_copy(update={"table": table.to_json(), "at": time.time()}))
+        self.log("retired", deployment=name, plans=[f"{p.id}: {p.describe()} {p.latency * 1e3:.1f} ms" for p in gone],
+                 table=[p.id for p in table.plans])
+        self.spawn(self._unload_later([plan_deployment_name(name, p.id) for p in gone]), name="retire")
+
+    async def _unload_later(self, deployments: list[str]) -> None:
+        await asyncio.sleep(self.settings.job_deadline_s)
+        for dep in deployments:
+            try:
+                await self._unload_everywhere(dep)
+                await self.pool.delete(dep)
+            except Exception as exc:  # best effort: an unused deployment costs storage, not correctness
+                self.log.warning("retire_unload_failed", deployment=dep, error=first_line(exc))
+
+    async def _source_graph(self, name: str, doc: PlanTableMessage) -> ModelGraph:
+        """The model the deployment came from (kept since its deploy, or loaded again after a restart)."""
+        if name not in self.sources:
+            self.sources[name] = await self.load_model(DeployModel(name=name, model=doc.origin,
+                                                                   input_shape=doc.input_shape))
+        return self.sources[name]
 
 
 def main(argv: list[str] | None = None) -> None:

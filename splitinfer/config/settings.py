@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     power: PowerSpec = Field(default_factory=PowerSpec)  # the simulated battery's energy model
     battery_capacity_j: float = Field(default=40_000.0, gt=0)  # simulated battery (about 11 Wh)
     probe_interval_s: float = Field(default=10.0, ge=0)      # network monitor: one round of probes this often; 0: off
+    hop_report_interval_s: float = Field(default=5.0, ge=0)  # front end: recent hop timings to the state pool; 0: off
     probe_bytes: int = Field(default=256 * 1024, ge=1024)    # the large probe; the small one is empty
     probe_rounds: int = Field(default=3, ge=1)               # probes of each size per measurement (median)
     memory_limit_mb: float | None = Field(default=None, gt=0)  # a model server: weights it may hold (planner)
@@ -103,6 +104,7 @@ class Settings(BaseSettings):
     # replan_threshold on the objective at replan_hold checks in a row, at most once per replan_cooldown_s; retire
     # plans no request would get for replan_retire_after_s; a table never holds more than replan_max_plans.
     adaptive_replanning: bool = True
+    learn_costs: bool = True  # fold the front ends' measured hop timings into the cost model (planner/learning.py)
     replan_threshold: float = Field(default=0.15, ge=0, lt=1)
     replan_hold: int = Field(default=2, ge=1)
     replan_cooldown_s: float = Field(default=30.0, ge=0)

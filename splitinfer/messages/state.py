@@ -99,6 +99,38 @@ class LinkReport(Message):
     link: LinkState
 
 
+class HopStat(Frozen):
+    """Recent timings of one part of one deployment on one server, as the front end saw them in its answers
+    (medians over a bounded window). `compute_s` counts batch-of-one calls only (None: none yet)."""
+
+    deployment: Id
+    part: str
+    server: str
+    transfer_s: float
+    compute_s: float | None = None
+    samples: int = 0
+
+
+class DeploymentLatency(Frozen):
+    """End-to-end latency of recent jobs answered on one deployment (a model's plan: `<model>:<plan>`)."""
+
+    deployment: Id
+    latency_s: float
+    samples: int = 0
+    since: float = 0.0  # wall clock of the window's oldest sample
+
+
+class HopReport(Message):
+    """A front end's recent hop timings and latencies, pushed to the state pool (control key `state.hops`): what
+    the optimizer's cost model learns from."""
+
+    TYPE: ClassVar[str] = "hop_report"
+    source: Id
+    hops: list[HopStat] = Field(default_factory=list)
+    latencies: list[DeploymentLatency] = Field(default_factory=list)
+    at: float = Field(default_factory=time.time)
+
+
 class SetLinks(Message):
     """Change the emulated link table at run time (control key `links.set`, every actor that receives tensors
     follows it): a benchmark sweeps bandwidth without restarting actors. `replace` drops links not listed;
@@ -158,6 +190,8 @@ class ClusterState(Message):
     TYPE: ClassVar[str] = "cluster_state"
     actors: list[ActorInfo] = Field(default_factory=list)
     links: list[LinkState] = Field(default_factory=list)
+    hops: list[HopStat] = Field(default_factory=list)            # the front ends' latest hop reports, merged
+    latencies: list[DeploymentLatency] = Field(default_factory=list)
     at: float = Field(default_factory=time.time)
 
     def servers(self) -> list[ActorInfo]:

@@ -15,11 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from splitinfer.planner.chain import Compression
+from splitinfer.planner.chain import Compression, plan_chain
 from splitinfer.planner.model import Cluster, CostGraph, PlanError
 from splitinfer.planner.optimize import plan_deployment, repredict
 from splitinfer.planner.plan import Plan
 from splitinfer.planner.table import OBJECTIVE_ORDER, PlanTable, choose_plan
+
+
+SCREENED = ("latency", "energy")  # objectives the chain DP screens before the whole table is planned again
+SCREEN_FRACTION = 0.5             # the chain's gain must reach this share of the threshold to plan in full
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,18 @@ def better_plan(table: PlanTable, graph: CostGraph, cluster: Cluster, threshold:
     repredict(table, graph, cluster)
     known = {s.name for s in cluster.servers}
     runnable = [p for p in table.plans if p.servers <= known]
+    order = OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"])
+    if runnable and table.objective in SCREENED:
+        # the exact chain DP costs milliseconds, the whole table a good part of a second: when even the chain's
+        # best is not close to the margin, nothing else will be adopted (only plans splitting parallel branches
+        # could still win, and by less than the chain would need to)
+        try:
+            quick = plan_chain(graph, cluster, table.objective, max_latency=table.sla, compression=compression)
+            best_now = objective_score(table, min(runnable, key=order))
+            if best_now <= 0 or 1.0 - objective_score(table, quick) / best_now <= threshold * SCREEN_FRACTION:
+                return None
+        except PlanError:
+            pass
     try:
         fresh = plan_deployment(graph, cluster, table.objective, sla=table.sla, compression=compression,
                                 max_plans=1, name=table.name, time_limit=time_limit)
@@ -75,7 +91,7 @@ def better_plan(table: PlanTable, graph: CostGraph, cluster: Cluster, threshold:
         return None
     if not runnable:
         return Improvement(new, new, 1.0)
-    best = min(runnable, key=OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"]))
+    best = min(runnable, key=order)
     before, after = objective_score(table, best), objective_score(table, new)
     gain = 1.0 - after / before if before > 0 else 0.0
     return Improvement(new, best, gain) if gain > threshold else None

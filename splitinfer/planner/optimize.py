@@ -223,19 +223,24 @@ def plan_deployment(graph: CostGraph, cluster: Cluster, objective: str = "latenc
     return out
 
 
+def predict_plan(table: PlanTable, graph: CostGraph, cluster: Cluster, plan: Plan, cm: CostModel | None = None):
+    """One plan of a table on `cluster` as it is now (its compressed cuts keep the table's fidelity figures)."""
+    fid = {t: dict(c) for t, c in table.compression.items()}
+    for t, codec in plan.compression.items():  # the plan's own fidelity figure stands; evaluate needs one
+        fid.setdefault(t, {}).setdefault(codec, 1.0)
+    return evaluate(graph, cluster, [(q.server, q.nodes) for q in plan.parts], plan.compression, fid, cm=cm)
+
+
 def repredict(table: PlanTable, graph: CostGraph, cluster: Cluster) -> list[str]:
     """Re-evaluate every plan of the table on the cluster as it is now (speeds, loads, links); plans that use a
     server the cluster lacks keep their last prediction. Returns the ids of the plans it updated."""
     known = {s.name for s in cluster.servers}
-    fid = {t: dict(c) for t, c in table.compression.items()}
     cm = CostModel(graph, cluster)
     updated = []
     for p in table.plans:
         if not p.servers <= known:
             continue
-        for t, codec in p.compression.items():  # the plan's own fidelity figure stands; evaluate needs one
-            fid.setdefault(t, {}).setdefault(codec, 1.0)
-        pred = evaluate(graph, cluster, [(q.server, q.nodes) for q in p.parts], p.compression, fid, cm=cm)
+        pred = predict_plan(table, graph, cluster, p, cm)
         p.latency, p.energy, p.bottleneck = pred.latency, pred.energy, pred.bottleneck
         p.device_compute, p.device_radio = pred.device_compute, pred.device_radio
         updated.append(p.id)

@@ -2,13 +2,15 @@
 server on an emulated link whose bandwidth the test changes while the cluster runs.
 
 The model takes a 192 KiB image that three layers shrink 24x (the first alone makes 2 MiB of it), then does the
-heavy work; the device is 30x slower than the cloud. On a fast link the best plan sends the image to the cloud
+heavy work; the device is 100x slower than the cloud. On a fast link the best plan sends the image to the cloud
 (the first layers cost the device more than the image costs the link, even measured at a fraction of its
 bandwidth); on a 2 Mbit/s link it starts on the device. Deployed with one plan (the fast link's), then:
 (1) the link narrows: the network monitors measure it, the optimizer plans again, deploys a plan that cuts on the
     device (logged with its before/after predictions), and jobs run on it, within 1e-5 of the local model;
-(2) the plan nobody gets any more leaves the table and, after the job deadline, its servers;
-(3) the link widens again: the cloud plan comes back (a new plan id; ids are never reused), and jobs run on it.
+(2) the front end reports the answers' hop timings; the optimizer learns server compute factors and the hop
+    overhead from them and logs each plan's measured latency beside its predictions before and after learning;
+(3) the plan nobody gets any more leaves the table and, after the job deadline, its servers;
+(4) the link widens again: the cloud plan comes back (a new plan id; ids are never reused), and jobs run on it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ emulate_links = true
 [[servers]]
 id = "phone"
 site = "device"
-slowdown = 30.0
+slowdown = 100.0
 [[servers]]
 id = "cloud1"
 site = "cloud"
@@ -77,7 +79,8 @@ def cluster(tmp_path_factory, run_prefix):
     with up_cluster(tmp_path_factory.mktemp("replan_up"), run_prefix, CONFIG, tag="replan",
                     SPLITINFER_REPLAN_INTERVAL_S="1", SPLITINFER_REPLAN_HOLD="2", SPLITINFER_REPLAN_COOLDOWN_S="1",
                     SPLITINFER_REPLAN_RETIRE_AFTER_S="2", SPLITINFER_JOB_DEADLINE_S="4",
-                    SPLITINFER_PROBE_INTERVAL_S="1", SPLITINFER_PROBE_BYTES=str(64 * 1024)) as info:
+                    SPLITINFER_PROBE_INTERVAL_S="1", SPLITINFER_PROBE_BYTES=str(64 * 1024),
+                    SPLITINFER_HOP_REPORT_INTERVAL_S="1") as info:
         yield info
 
 
@@ -134,9 +137,19 @@ def test_the_plan_follows_the_link(cluster, model_file):
             change = next(e for e in _events(cluster, "replanned") if e["plan"] == on_slow)
             assert change["after_latency_ms"] < change["before_latency_ms"] * 0.85, change
             assert change["before_plan"] == first
-            assert await jobs_on(c, 3) == [on_slow] * 3
+            assert await jobs_on(c, 6) == [on_slow] * 6
 
-            # (2) the cloud plan is nobody's choice now: out of the table, then off the servers
+            # (2) the front end reported the answers' hop timings; the optimizer learned from them and logged how far
+            # its predictions were from the measured latency, before and after learning
+            def learned_for_plan():
+                return [e for e in _events(cluster, "costs_learned") if on_slow in e["plans"]]
+
+            learned = (await eventually(learned_for_plan, timeout=60, interval=0.5))[-1]
+            fig = learned["plans"][on_slow]
+            assert fig["measured"] > 0 and fig["predicted_base"] > 0 and fig["predicted_learned"] > 0, learned
+            assert set(learned["speed_factor"]) <= {"phone", "cloud1"} and learned["speed_factor"], learned
+
+            # (3) the cloud plan is nobody's choice now: out of the table, then off the servers
             await eventually(lambda: any(first in " ".join(e["plans"]) for e in _events(cluster, "retired")),
                              timeout=60, interval=0.5)
             table, _ = await primary(c)
@@ -147,7 +160,7 @@ def test_the_plan_follows_the_link(cluster, model_file):
 
             await eventually(unloaded, timeout=60, interval=0.5, message=f"{NAME}:{first} unloaded")
 
-            # (3) the link widens: the cloud comes back under a new id
+            # (4) the link widens: the cloud comes back under a new id
             await c.set_links({"device-cloud": (0.005, FAST * MBIT)})
 
             async def back():

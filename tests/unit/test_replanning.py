@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitinfer.planner import Cluster, CostGraph, CostNode, Link, PlanError, Server, plan_deployment
+from splitinfer.planner import Cluster, CostGraph, CostModel, CostNode, Link, PlanError, Server, plan_deployment
 from splitinfer.planner.adaptive import ReplanPolicy, Replanner, better_plan, plans_in_use
 
 MBPS = 1e6 / 8
@@ -105,3 +105,92 @@ def test_policy_bounds_are_checked():
         ReplanPolicy(threshold=1.5)
     with pytest.raises(PlanError):
         ReplanPolicy(hold=0)
+
+
+# ------------------------------------------------------------------------------ learning from hop timings
+
+def test_learned_costs_recover_a_slower_server_and_the_hop_overhead():
+    from splitinfer.messages import DeploymentLatency, HopStat
+    from splitinfer.planner.learning import learn
+    from splitinfer.planner.optimize import predict_plan
+
+    graph, base = chain(), cluster(5)
+    table = plan_deployment(graph, base, "latency", max_plans=6, name="m")
+    # the "truth": the cloud computes 2.5x slower than its calibration says, each tensor hop costs 4 ms
+    truth = base.model_copy(update={
+        "servers": [base.servers[0], base.servers[1].model_copy(update={"speed": base.servers[1].speed / 2.5})],
+        "broker": base.broker.model_copy(update={"per_message": 4e-3})})
+    cm = CostModel(graph, truth)
+    hops, lats = [], []
+    for p in table.plans:
+        dep = f"m:{p.id}"
+        for i, part in enumerate(p.parts):
+            s = cm.idx[part.server]
+            hops.append(HopStat(deployment=dep, part=f"part{i}", server=part.server, transfer_s=0.01,
+                                compute_s=cm.compute(sum(graph.nodes[n].cost for n in part.nodes), s), samples=20))
+        lats.append(DeploymentLatency(deployment=dep, latency_s=predict_plan(table, graph, truth, p).latency,
+                                      samples=20))
+    learned = learn(table, graph, base, hops, lats)
+    assert learned.speed_factor["cloud"] == pytest.approx(2.5, rel=1e-6)
+    assert learned.speed_factor.get("dev", 1.0) == pytest.approx(1.0, rel=1e-6)
+    assert learned.per_message == pytest.approx(4e-3, rel=1e-6)
+    for pid, e in learned.errors.items():
+        assert e["predicted_learned"] == pytest.approx(e["measured"], rel=1e-6), pid
+    assert any(abs(e["predicted_base"] / e["measured"] - 1) > 0.1 for e in learned.errors.values())
+    # the learned cluster predicts what was measured
+    for p in table.plans:
+        assert predict_plan(table, graph, learned.apply(base), p).latency == pytest.approx(
+            predict_plan(table, graph, truth, p).latency, rel=1e-6)
+
+
+def test_too_few_samples_teach_nothing_and_odd_reports_are_bounded():
+    from splitinfer.messages import DeploymentLatency, HopStat
+    from splitinfer.planner.learning import SPEED_FACTOR_BOUNDS, learn
+
+    graph, base = chain(), cluster(5)
+    table = plan_deployment(graph, base, "latency", max_plans=1, name="m")
+    dep, p = f"m:{table.plans[0].id}", table.plans[0]
+    few = [HopStat(deployment=dep, part="part0", server=p.parts[0].server, transfer_s=0.0, compute_s=9.0, samples=2)]
+    assert learn(table, graph, base, few, [DeploymentLatency(deployment=dep, latency_s=9.0, samples=2)]).speed_factor == {}
+    odd = [few[0].model_copy(update={"samples": 50, "compute_s": 1e6})]
+    assert learn(table, graph, base, odd, []).speed_factor[p.parts[0].server] == SPEED_FACTOR_BOUNDS[1]
+    other = [few[0].model_copy(update={"deployment": "other:p0", "samples": 50})]
+    assert learn(table, graph, base, other, []).speed_factor == {}
+
+
+def test_a_latency_window_older_than_its_plans_last_prediction_change_teaches_no_overhead():
+    from splitinfer.messages import DeploymentLatency
+    from splitinfer.planner.learning import StableSince, learn
+
+    graph = chain()
+    table = plan_deployment(graph, cluster(5), "latency", max_plans=1, name="m")
+    lat = [DeploymentLatency(deployment=f"m:{table.plans[0].id}", latency_s=5.0, samples=30, since=100.0)]
+    stable = StableSince()
+    assert learn(table, graph, cluster(5), [], lat, stable, now=50.0).per_message is not None
+    assert learn(table, graph, cluster(5.2), [], lat, stable, now=120.0).per_message is not None  # noise
+    moved = learn(table, graph, cluster(1), [], lat, stable, now=150.0)  # the link changed under the window
+    assert moved.per_message is None and moved.errors  # its error is still reported
+    fresh = [lat[0].model_copy(update={"since": 160.0})]
+    assert learn(table, graph, cluster(1), [], fresh, stable, now=170.0).per_message is not None
+
+
+def test_the_hop_window_keeps_recent_samples_only():
+    from splitinfer.monitor.hops import HopWindow
+
+    w = HopWindow(size=4, max_age_s=10)
+    clock = [1000.0]
+    w.now = lambda: clock[0]
+    hop = ["part0", "dev", 0.002, 0.0, 0.0, 0.010, 1, 0.0, "broker"]
+    batched = ["part1", "cloud", 0.003, 0.0, 0.0, 0.050, 4, 0.0, "broker"]
+    local = ["part1", "cloud", 0.0, 0.0, 0.0, 0.020, 1, 0.0, "local"]
+    for i in range(6):
+        w.add("m:p0", [hop, batched], latency_s=0.1 + i)
+    w.add("m:p1", [local], latency_s=0.2)
+    hops, lats = w.summary()
+    by = {(h.deployment, h.part): h for h in hops}
+    assert by[("m:p0", "part0")].compute_s == pytest.approx(0.010) and by[("m:p0", "part0")].samples == 4
+    assert by[("m:p0", "part1")].compute_s is None          # batch-of-4 calls teach no per-request compute
+    assert by[("m:p1", "part1")].transfer_s == 0.0           # a local hand-off is no hop
+    assert {x.deployment: x.latency_s for x in lats}["m:p0"] == pytest.approx(3.6)  # median of the last 4
+    clock[0] += 11
+    assert w.summary() == ([], [])

@@ -44,6 +44,7 @@ from splitinfer.actors.transport.retry import ANSWER, MAX_JOB_DELIVERIES, OUTAGE
 from splitinfer.actors.transport.topology import (
     INTERNAL_REPLY_PREFIX,
     UNKEPT,
+    Names,
     declare_kept_queue,
     escape_key,
     key_problem,
@@ -52,6 +53,7 @@ from splitinfer.messages import (
     Deregister,
     ErrorResult,
     Heartbeat,
+    HopReport,
     InferenceJob,
     MessageError,
     PlanTableMessage,
@@ -61,6 +63,7 @@ from splitinfer.messages import (
     plan_deployment_name,
 )
 from splitinfer.messages.frames import RESULT, TENSORS, decode_frame, encode_frame, is_frame
+from splitinfer.monitor.hops import HopWindow
 from splitinfer.monitor.links import LinkEmulator
 from splitinfer.planner import PlanTable
 from splitinfer.splitter.manifest import Manifest
@@ -94,6 +97,7 @@ class FrontEnd(Actor):
         self._manifest_locks: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
         self.inbox = None
+        self.hop_window = HopWindow()
 
     @property
     def inbox_name(self) -> str:
@@ -126,6 +130,7 @@ class FrontEnd(Actor):
             await watch.bind(control, routing_key=key)
         await self.consume(watch, self.on_watch)
         self.spawn(self._timer_loop(), name="deadlines")
+        self.spawn(self._report_hops(), name="hop_report")
         self.connection.on_reconnect(self._resend_after_outage)
         await follow_links(self)  # SetLinks orders, network probes
         NetworkMonitor(self).start()
@@ -364,13 +369,13 @@ class FrontEnd(Actor):
         await self.deliveries.ack(message)  # exclusive queue: the answer itself is kept by the result store
         if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
             return  # a part's error for us: the inbox takes it
-        job_id = _answer_job_id(message.body, self.settings.max_message_bytes)
+        job_id, hops = _answer_of(message.body, self.settings.max_message_bytes)
         if job_id is None or (message.headers or {}).get(UNKEPT):
             return
         self.kept_answers.keep(job_id, message.body)
         answer = self.tracker.on_answered(job_id)
         if answer is not None:
-            await self._settle(answer)
+            await self._settle(answer, hops)
 
     async def on_inbox(self, message: AbstractIncomingMessage) -> None:
         await self.deliveries.ack(message)  # exclusive queue: nothing to hand back if we die; the job is still unacked
@@ -448,10 +453,15 @@ class FrontEnd(Actor):
             return
         await self._settle(answer)
 
-    async def _settle(self, answer: Answer) -> None:
-        """The job is answered: ack its deliveries, send its answer to the submissions that joined it meanwhile."""
+    async def _settle(self, answer: Answer, hops: list | None = None) -> None:
+        """The job is answered: ack its deliveries, send its answer to the submissions that joined it meanwhile,
+        and keep its hop timings (`hops`: those of an answer a part published itself) for the cost model."""
         job = answer.job
         now = asyncio.get_running_loop().time()
+        if answer.kind != "error":
+            if hops is None:
+                hops = list({tuple(h[:2]): h for hs in job.timings.values() for h in hs}.values())
+            self.hop_window.add(job.route or job.deployment, hops, answer.latency_s)
         if answer.kind == "error":
             self.stats["errors"] += 1
         else:
@@ -487,6 +497,18 @@ class FrontEnd(Actor):
             await self._send_inputs(job)
 
     # ------------------------------------------------------------------ deadlines and retries
+    async def _report_hops(self) -> None:
+        """The recent hop timings and latencies to the state pool, for the optimizer's cost model to learn from."""
+        while not self.stopping and self.settings.hop_report_interval_s > 0:
+            await asyncio.sleep(self.settings.hop_report_interval_s)
+            hops, latencies = self.hop_window.summary()
+            if not hops and not latencies:
+                continue
+            with contextlib.suppress(Exception):  # the next report carries the same window
+                await self.publisher.publish("control", Names.HOP_STATE,
+                                             HopReport(source=self.id, hops=hops, latencies=latencies),
+                                             mandatory=False)
+
     async def _timer_loop(self) -> None:
         while not self.stopping:
             self._wake.clear()
@@ -609,15 +631,17 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
     return int(count) + 1 if isinstance(count, int) else 0
 
 
-def _answer_job_id(body: bytes, max_bytes: int) -> str | None:
-    """The job an answer on `<ns>.results` is for (a result frame or an ErrorResult), None if it names none."""
+def _answer_of(body: bytes, max_bytes: int) -> tuple[str | None, list]:
+    """The job an answer on `<ns>.results` is for (a result frame or an ErrorResult; None if it names none) and
+    the hops a result carries."""
     try:
         if is_frame(body):
-            return decode_frame(body, max_bytes).job_id
+            frame = decode_frame(body, max_bytes)
+            return frame.job_id, list(frame.hops or [])
         msg = decode(body, max_bytes=max_bytes, expect=ErrorResult)
-        return msg.job_id
+        return msg.job_id, []
     except MessageError:
-        return None
+        return None, []
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,10 @@
 
 Afterwards, every settings.replan_interval_s, it re-predicts the plans of every model deployment from the live
 state (planner.repredict: speeds, loads, links) and pushes the table again, so per-job plan choice in the front
-end uses current figures. With settings.adaptive_replanning it also plans again on that state
+end uses current figures. With settings.learn_costs the state includes what the answers measured
+(the front ends' hop reports, planner.learning): servers' compute factors and the per-hop overhead that make
+predictions meet measured latencies, logged with the prediction error before and after (`costs_learned`).
+With settings.adaptive_replanning it also plans again on that state
 (planner.adaptive): a plan that beats every deployed one by the threshold, checks in a row, is split, uploaded
 and loaded as `<name>:r<revision>` (all or nothing), joins the table as its primary and is pushed, so jobs switch
 to it; plans no request would get for a while leave the table and, once jobs in flight have had their deadline,
@@ -73,6 +76,7 @@ from splitinfer.planner import (
     repredict,
 )
 from splitinfer.planner.adaptive import Improvement, ReplanPolicy, Replanner, better_plan
+from splitinfer.planner.learning import StableSince, learn
 from splitinfer.planner.plan import Plan
 from splitinfer.splitter import ModelGraph, SplitError, load_source_model, save_split, split_by_groups
 from splitinfer.splitter.manifest import RUNTIME_FORMATS, Manifest
@@ -97,6 +101,7 @@ class Optimizer(Actor):
         self.models: dict[str, tuple[PlanTable, CostGraph, PlanTableMessage]] = {}
         self.sources: dict[str, ModelGraph] = {}  # each model deployment's source graph, to split new plans from
         self.replanners: dict[str, Replanner] = {}
+        self._stable: dict[str, StableSince] = {}  # model -> since when each plan's prediction holds
         self.reference_gflops: float | None = None
         st = self.settings
         self.policy = ReplanPolicy(threshold=st.replan_threshold, hold=st.replan_hold, cooldown_s=st.replan_cooldown_s,
@@ -275,6 +280,7 @@ class Optimizer(Actor):
         self.models.pop(name, None)
         self.sources.pop(name, None)
         self.replanners.pop(name, None)
+        self._stable.pop(name, None)
         # front ends forget the table
         await self.publisher.publish("control", Names.plans_key(name), PlanTableMessage(name=name, removed=True),
                                      mandatory=False)
@@ -390,6 +396,12 @@ class Optimizer(Actor):
             cluster = self.make_cluster(servers, site, state)
             if cluster.client != table.client:  # the device is down: keep the deploy-time figures
                 continue
+            if self.settings.learn_costs and state is not None and (state.hops or state.latencies):
+                learned = learn(table, cost_graph, cluster, state.hops, state.latencies,
+                                self._stable.setdefault(name, StableSince()), time.time())
+                cluster = learned.apply(cluster)
+                if learned.errors or learned.speed_factor:
+                    self.log("costs_learned", deployment=name, **learned.describe())
             changed = bool(repredict(table, cost_graph, cluster))
             if self.settings.adaptive_replanning:
                 changed = await self.adapt(name, cluster) or changed

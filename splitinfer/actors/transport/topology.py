@@ -161,6 +161,7 @@ class Names:
     # sites, link emulation and monitors
     LINKS_SET = "links.set"            # SetLinks, followed by every actor that receives tensors
     LINK_STATE = "state.link"          # LinkReport from a network monitor to the state pool
+    HOP_STATE = "state.hops"           # HopReport from a front end to the state pool
     STATE_QUERY = "state_pool.query"   # GetState -> ClusterState (RPC)
     # the optimizer: DeployModel / UndeployModel (RPC); plan tables pushed to front ends
     OPTIMIZER_DEPLOY = "optimizer.deploy"

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bandwidth_sweep import MBPS, alternatives, sites_links
+from bandwidth_sweep import MBPS, alternatives, planner_cluster, save_alternative, sites_links
 
 BEST_TOLERANCE = 0.10
 NAME = "adaptive"
@@ -68,7 +68,7 @@ async def run(args, console: Console) -> dict:
     from splitinfer.harness import ClusterRun
     from splitinfer.monitor import profile_model
     from splitinfer.planner import cost_graph_from_profile
-    from splitinfer.splitter import ModelGraph, load_source_model, save_split, split_by_groups
+    from splitinfer.splitter import ModelGraph, load_source_model
 
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
     phases = [(float(b), float(s)) for b, s in (p.split(":") for p in args.phases.split(","))]
@@ -95,18 +95,19 @@ async def run(args, console: Console) -> dict:
             log = cluster.sup.run_dir / "logs" / "optimizer.log"
             async with Client(cluster.settings) as c:
                 await c.wait_for_servers(3, timeout=120)
+                # the alternatives first: deploying them loads the machine, which the optimizer would see
+                say(f"deploying {len(alts)} alternatives to measure against")
+                priced = planner_cluster(first_links, args)
+                for i, alt in enumerate(alts):
+                    out = await asyncio.to_thread(save_alternative, graph, cost_graph, priced, alt, Path(tmp) / f"s{i}",
+                                                  args.model)
+                    dep = await c.deploy(out, {f"part{k}": s for k, (s, _) in enumerate(alt.parts)},
+                                         deployment=f"alt{i}", timeout=600)
+                    alt.deployment, alt.input_name = dep.deployment, dep.inputs[0]
                 say(f"deploying {args.model} through the optimizer (max {args.max_plans} plan(s))")
                 reply = await c.deploy_model(args.model, NAME, max_plans=args.max_plans, timeout=900)
                 say(f"deployed: {reply['table']['primary']} "
                     f"{[p['parts'][0]['server'] for p in reply['table']['plans']]}")
-                say(f"deploying {len(alts)} alternatives to measure against")
-                for i, alt in enumerate(alts):
-                    out = Path(tmp) / f"s{i}"
-                    groups = {n: k for k, (_, nodes) in enumerate(alt.parts) for n in nodes}
-                    await asyncio.to_thread(save_split, graph, split_by_groups(graph, groups), out, args.model)
-                    dep = await c.deploy(out, {f"part{k}": s for k, (s, _) in enumerate(alt.parts)},
-                                         deployment=f"alt{i}", timeout=600)
-                    alt.deployment, alt.input_name = dep.deployment, dep.inputs[0]
 
                 t_start, wall_start = time.monotonic(), time.time()
 

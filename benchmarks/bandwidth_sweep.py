@@ -96,6 +96,19 @@ def alternatives(cost_graph, remotes: list[str], stride: int = 1) -> list[Altern
     return alts
 
 
+def save_alternative(graph, cost_graph, cluster, alt: Alternative, out: Path, origin: str) -> Path:
+    """Split the model as `alt` places it, each part on the runtime the cost model prices it on (as the optimizer
+    saves a plan's parts), so alternatives and the optimizer's plans run alike."""
+    from splitinfer.planner import make_plan
+    from splitinfer.splitter import save_split_on_runtimes, split_by_groups
+
+    plan = make_plan(cost_graph, cluster, alt.parts)
+    groups = {n: k for k, (_, nodes) in enumerate(alt.parts) for n in nodes}
+    save_split_on_runtimes(graph, split_by_groups(graph, groups), out, origin,
+                           {f"part{k}": q.runtime for k, q in enumerate(plan.parts)})
+    return out
+
+
 def predict(cost_graph, cluster, alt: Alternative, c0: float) -> float:
     from splitinfer.planner import evaluate
 
@@ -135,7 +148,7 @@ async def run(args, console: Console) -> dict:
     from splitinfer.monitor import profile_model
     from splitinfer.planner import BrokerOverhead, cost_graph_from_profile, plan_chain
     from splitinfer.config import get_settings
-    from splitinfer.splitter import ModelGraph, load_source_model, save_split, split_by_groups
+    from splitinfer.splitter import ModelGraph, load_source_model
 
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
     bandwidths = [float(b) for b in args.bandwidths.split(",")]
@@ -152,7 +165,6 @@ async def run(args, console: Console) -> dict:
         alt = Alternative("plan " + " > ".join(p.server for p in plan.parts), [(p.server, list(p.nodes)) for p in plan.parts])
         by_key.setdefault(alt.key, alt)
     alts = list(by_key.values())
-    del default_cluster
 
     # the links are set by this script: no network-monitor probes competing with the measured tensors
     os.environ["SPLITINFER_PROBE_INTERVAL_S"] = "0"
@@ -183,8 +195,8 @@ async def run(args, console: Console) -> dict:
                         cut_key = tuple(frozenset(n) for _, n in alt.parts)
                         if cut_key not in splits:
                             out = Path(tmp) / f"s{len(splits)}"
-                            groups = {n: k for k, (_, nodes) in enumerate(alt.parts) for n in nodes}
-                            await asyncio.to_thread(save_split, graph, split_by_groups(graph, groups), out, args.model)
+                            await asyncio.to_thread(save_alternative, graph, cost_graph, default_cluster, alt, out,
+                                                    args.model)
                             splits[cut_key] = out
                         # a name per alternative: the same split under its split id on other servers would only add
                         # replicas to one deployment, and requests would hash across both placements
@@ -246,8 +258,8 @@ async def run(args, console: Console) -> dict:
                             chosen = Alternative("plan " + " > ".join(p.server for p in plan.parts),
                                                  [(p.server, list(p.nodes)) for p in plan.parts])
                             out = Path(tmp) / f"s{len(splits)}"
-                            groups = {n: k for k, (_, nodes) in enumerate(chosen.parts) for n in nodes}
-                            await asyncio.to_thread(save_split, graph, split_by_groups(graph, groups), out, args.model)
+                            await asyncio.to_thread(save_alternative, graph, cost_graph, cluster_bw, chosen, out,
+                                                    args.model)
                             dep = await c.deploy(out, {f"part{k}": s for k, (s, _) in enumerate(chosen.parts)},
                                                  deployment=f"alt{len(alts)}", timeout=600)
                             chosen.deployment, chosen.input_name = dep.deployment, dep.inputs[0]

@@ -30,7 +30,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -73,6 +73,7 @@ from splitinfer.messages import (
     LinkSpec,
     MessageError,
     PlanTableMessage,
+    ModelVariant,
     Requirements,
     ResultMessage,
     SetLinks,
@@ -464,10 +465,12 @@ class Client:
     async def infer(self, deployment: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *,
                     deadline_s: float | None = None, timeout: float | None = None,
                     max_latency_s: float | None = None, battery: float | None = None,
-                    min_fidelity: float | None = None) -> ResultMessage:
+                    min_fidelity: float | None = None, min_accuracy: float | None = None) -> ResultMessage:
         """Run one job and return its ResultMessage (outputs, per-hop timings, latency, the plan that ran);
-        JobFailed on an error. max_latency_s / battery / min_fidelity steer a model deployment's plan choice."""
-        req = Requirements(max_latency_s=max_latency_s, battery=battery, min_fidelity=min_fidelity)
+        JobFailed on an error. max_latency_s / battery / min_fidelity / min_accuracy (a deployment of model
+        variants) steer a model deployment's plan choice."""
+        req = Requirements(max_latency_s=max_latency_s, battery=battery, min_fidelity=min_fidelity,
+                           min_accuracy=min_accuracy)
         fut = await self.submit(deployment, inputs, deadline_s=deadline_s, requirements=req)
         answer = await self.wait(fut, deadline_s, timeout)
         if isinstance(answer, ErrorResult):
@@ -532,21 +535,21 @@ class Client:
                            sla_s: float | None = None, servers: list[str] | None = None,
                            input_shape: list[int] | None = None, compression: bool = False, max_plans: int = 6,
                            client_site: str | None = None, timeout: float | None = None,
-                           keep_on_device: str | int | None = None) -> dict:
+                           keep_on_device: str | int | None = None, accuracy: float | None = None,
+                           variants: Sequence[ModelVariant | Mapping] = ()) -> dict:
         """Ask the optimizer to profile, plan, split and deploy `model` (`keras.applications:NAME` or a .keras file,
         uploaded to the pool first) as `name`; returns its DeployReply as a dict (name, table, deployments,
         timings_s) once every plan serves. ClientError names what failed (an SLA no plan meets, a server that is
         not registered, a part that did not load): nothing is left half deployed. `keep_on_device`: a privacy floor
-        (the first K operations, or every operation up to a tensor, stay on the client's device site)."""
-        origin = str(model)
-        if not origin.startswith(APPLICATIONS_PREFIX):
-            path = Path(origin)
-            if not path.is_file() or path.suffix != ".keras":
-                raise ClientError(f"{origin} is not a .keras file (or use keras.applications:NAME)")
-            try:
-                origin = await self.pool.upload_source(path)
-            except (PoolError, Forbidden, asyncio.TimeoutError) as exc:
-                raise ClientError(f"could not upload {path} to the model pool: {exc}") from None
+        (the first K operations, or every operation up to a tensor, stay on the client's device site).
+        `variants`: other models answering the same jobs (ModelVariant or dicts with name, model, accuracy), the
+        plan table spans them and a job's min_accuracy or budget picks; `accuracy`: the reference model's."""
+        origin = await self._model_origin(model)
+        try:
+            variants = [v if isinstance(v, ModelVariant) else ModelVariant(**v) for v in variants]
+        except ValueError as exc:
+            raise ClientError(f"bad model variant: {str(exc).splitlines()[0]}") from None
+        variants = [v.model_copy(update={"model": await self._model_origin(v.model)}) for v in variants]
         if name is None:
             base = re.sub(r"[^A-Za-z0-9_-]", "-", Path(origin.split(":")[-1]).stem.lower())[:40].strip("-")
             name = f"{base or 'model'}-{objective}"
@@ -554,13 +557,27 @@ class Client:
             req = DeployModel(name=name, model=origin, input_shape=list(input_shape) if input_shape else None,
                               objective=objective, sla_s=sla_s, servers=list(servers or []), compression=compression,
                               max_plans=max_plans, client_site=client_site,
-                              keep_on_device=None if keep_on_device is None else str(keep_on_device))
+                              keep_on_device=None if keep_on_device is None else str(keep_on_device),
+                              accuracy=accuracy, variants=variants)
         except ValueError as exc:
             raise ClientError(f"bad deploy request: {str(exc).splitlines()[0]}") from None
         limit = timeout or self.settings.deploy_timeout_s + 30
         reply = await self._ask_optimizer(self.optimizer.deploy(req, limit), f"deploy of {name}", limit)
         self._manifests.pop(name, None)
         return reply.model_dump(exclude={"v", "message"})
+
+    async def _model_origin(self, model: str | Path) -> str:
+        """`keras.applications:NAME` as it is; a .keras file uploaded to the pool's sources (`pool:<sha256>`)."""
+        origin = str(model)
+        if origin.startswith(APPLICATIONS_PREFIX) or origin.startswith("pool:"):
+            return origin
+        path = Path(origin)
+        if not path.is_file() or path.suffix != ".keras":
+            raise ClientError(f"{origin} is not a .keras file (or use keras.applications:NAME)")
+        try:
+            return await self.pool.upload_source(path)
+        except (PoolError, Forbidden, asyncio.TimeoutError) as exc:
+            raise ClientError(f"could not upload {path} to the model pool: {exc}") from None
 
     async def undeploy(self, name: str, timeout: float = 120.0) -> str:
         """Unload a deployment (a plain split, or every plan of a model) from its servers and delete it from the pool."""

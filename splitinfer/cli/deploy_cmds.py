@@ -69,6 +69,11 @@ def deploy(
     keep_on_device: Optional[str] = typer.Option(None, "--keep-on-device", help=f"MODEL: {KEEP_HELP}"),
     client_site: Optional[str] = typer.Option(None, "--client-site", help="MODEL: where inputs start (default: "
                                                                           "the front end's site)"),
+    variant: Optional[list[str]] = typer.Option(None, "--variant", help="MODEL: another model for the same jobs, "
+                                                "NAME=MODEL[@ACCURACY] (repeat it); accuracy default: its measured "
+                                                "agreement with MODEL; jobs pick by --min-accuracy or budget"),
+    accuracy: Optional[float] = typer.Option(None, "--accuracy", help="MODEL: its accuracy in (0, 1] when "
+                                                                      "--variant is given (default 1)"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait for every part to load"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
     broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
@@ -83,7 +88,8 @@ def deploy(
             raise UserError(f"{directory} is not a split directory (no manifest.json); make one with `splitinfer split`")
         _deploy_model(target, name=name, objective=objective, sla=sla, only=only, input_shape=input_shape,
                       compression=compression, max_plans=max_plans, client_site=client_site, timeout=timeout,
-                      settings=settings, as_json=as_json, keep_on_device=keep_on_device)
+                      settings=settings, as_json=as_json, keep_on_device=keep_on_device,
+                      variants=_parse_variants(variant or []), accuracy=accuracy)
         return
     if replicas < 1:
         raise UserError("--replicas must be at least 1")
@@ -109,9 +115,30 @@ def deploy(
     console.print(f"inputs: {', '.join(dep.inputs)}   outputs: {', '.join(dep.outputs)}", highlight=False)
 
 
+def _parse_variants(specs: list[str]) -> list[dict]:
+    """--variant NAME=MODEL[@ACCURACY] -> [{name, model, accuracy}]; a one-line error for anything else."""
+    out = []
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        model, _, acc = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        if not sep or not name or not model or not name.replace("_", "").isalnum():
+            raise UserError(f"--variant {spec!r}: use NAME=MODEL[@ACCURACY] (NAME letters, digits, _)")
+        try:
+            value = float(acc) if acc else None
+        except ValueError:
+            raise UserError(f"--variant {spec!r}: accuracy {acc!r} is not a number") from None
+        if value is not None and not 0.0 < value <= 1.0:
+            raise UserError(f"--variant {spec!r}: accuracy must be in (0, 1]")
+        if not model.startswith(APPLICATIONS_PREFIX) and not Path(model).is_file():
+            raise UserError(f"--variant {spec!r}: {model} is not a .keras file nor keras.applications:NAME")
+        out.append({"name": name, "model": model, "accuracy": value})
+    return out
+
+
 def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Optional[str], only: Optional[str],
                   input_shape: Optional[str], compression: bool, max_plans: int, client_site: Optional[str],
-                  timeout: float, settings: Settings, as_json: bool, keep_on_device: Optional[str] = None) -> None:
+                  timeout: float, settings: Settings, as_json: bool, keep_on_device: Optional[str] = None,
+                  variants: list[dict] | None = None, accuracy: Optional[float] = None) -> None:
     """`splitinfer deploy MODEL ...`: the optimizer plans, splits and deploys; print its plan table."""
     check_objective(objective)
     sla_s = duration_option(sla, "--sla")
@@ -132,7 +159,8 @@ def _deploy_model(target: str, *, name: Optional[str], objective: str, sla: Opti
                 return await c.deploy_model(target, name, objective=objective, sla_s=sla_s, servers=wanted,
                                             input_shape=shape, compression=compression, max_plans=max_plans,
                                             client_site=client_site, timeout=timeout,
-                                            keep_on_device=keep_on_device)
+                                            keep_on_device=keep_on_device, variants=variants or [],
+                                            accuracy=accuracy)
 
     result = client_errors(run())
     if as_json:

@@ -61,6 +61,8 @@ def infer(
                                                                     "0..1 (default: as the device reports it)"),
     min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="model deployment: lowest fidelity "
                                                                               "(compressed cuts) acceptable"),
+    min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="model deployment with variants: "
+                                                                              "lowest accuracy acceptable"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="save the outputs to this .npz"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help=NS_HELP),
     broker_url: Optional[str] = typer.Option(None, "--broker-url", help=BROKER_HELP),
@@ -73,6 +75,8 @@ def infer(
         raise UserError("--battery must be between 0 and 1")
     if min_fidelity is not None and not 0.0 < min_fidelity <= 1.0:
         raise UserError("--min-fidelity must be in (0, 1]")
+    if min_accuracy is not None and not 0.0 < min_accuracy <= 1.0:
+        raise UserError("--min-accuracy must be in (0, 1]")
     budget = duration_option(max_latency, "--max-latency")
     x = _load_inputs(inputs)
     settings = cluster_settings(namespace, broker_url)
@@ -81,7 +85,7 @@ def infer(
         async with Client(settings) as c:
             t0 = time.perf_counter()
             result = await c.infer(deployment, x, deadline_s=deadline, max_latency_s=budget, battery=battery,
-                                   min_fidelity=min_fidelity)
+                                   min_fidelity=min_fidelity, min_accuracy=min_accuracy)
             return result, time.perf_counter() - t0
 
     result, wall = client_errors(run())

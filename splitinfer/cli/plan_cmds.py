@@ -66,6 +66,9 @@ def plan_table_rows(table: dict) -> Table:
     for p in table["plans"]:
         route = " -> ".join(part["server"] + (f" [{part['runtime']}]" if part.get("runtime") else "")
                             for part in p["parts"])
+        if p.get("variant"):  # a table over model variants: which one, and its accuracy
+            route = f"{p['variant']} ({p['accuracy']:.3g}): {route}" if p.get("accuracy") is not None else \
+                f"{p['variant']}: {route}"
         codec = ", ".join(f"{t}:{c}" for t, c in p["compression"].items())
         cuts = ", ".join(p["cuts"][:3]) + (f" (+{len(p['cuts']) - 3})" if len(p["cuts"]) > 3 else "")
         star = " *" if p["id"] == table.get("primary") else ""

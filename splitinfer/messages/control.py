@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import Field
 
 from splitinfer.messages.state import PartRef, ServerState
-from splitinfer.messages.wire import Id, Message
+from splitinfer.messages.wire import Frozen, Id, Message
 
 
 # What a model deployment optimises: the planner's objectives, in one place.
@@ -72,6 +72,17 @@ class Reply(Message):
     message: str = ""
 
 
+class ModelVariant(Frozen):
+    """Another model that answers the same jobs (the reference's input and output tensors): smaller and faster,
+    say, or a float16 copy. `accuracy` in (0, 1] as the user knows it; None: its fidelity to the reference, measured
+    on sample inputs (top-1 agreement), times the reference's accuracy."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$", max_length=40)
+    model: Id
+    input_shape: list[int] | None = None
+    accuracy: float | None = Field(None, gt=0, le=1)
+
+
 class DeployModel(Message):
     """A deploy request for the optimizer (control key `optimizer.deploy`, RPC): profile, plan, split, store the
     plans' parts in the model pool, have the servers load them; the answer is a DeployReply (or a Reply saying why
@@ -88,6 +99,9 @@ class DeployModel(Message):
     compression: bool = False                      # let the planner send cut tensors as float16 / int8
     max_plans: int = Field(6, ge=1, le=32)
     keep_on_device: str | None = None              # a privacy floor: the first K operations, or up to a tensor
+    # model variants: the plan table spans them, a job's min_accuracy or budget picks; `model` is the reference
+    accuracy: float | None = Field(None, gt=0, le=1)  # the reference's accuracy (None: 1.0, the yardstick)
+    variants: list[ModelVariant] = Field(default_factory=list, max_length=8)
 
 
 class UndeployModel(Message):
@@ -115,6 +129,8 @@ class PlanTableMessage(Message):
     origin: str = ""
     input_shape: list[int] | None = None
     servers: list[Id] = Field(default_factory=list)  # the deploy's own choice of servers ([]: every live one)
+    variants: list[ModelVariant] = Field(default_factory=list)  # the other variants the table spans
+    variant_graphs: dict[str, dict[str, Any]] = Field(default_factory=dict)  # variant -> its cost graph
     client_site: str | None = None                  # the deploy's client site (None: the front end's)
     deployed_at: float = 0.0
     removed: bool = False

@@ -32,6 +32,7 @@ class Requirements(Frozen):
     max_latency_s: float | None = None
     battery: float | None = None
     min_fidelity: float | None = None
+    min_accuracy: float | None = Field(None, gt=0, le=1)  # a deployment of model variants: the least accuracy
 
 
 class InferenceJob(Message):

@@ -297,3 +297,51 @@ def measure_compression(
 
 __all__ = ["COMPRESSION_FORMAT", "CompressionEntry", "CompressionProfile", "MIN_FIDELITY", "compression_entries",
            "measure_compression"]
+
+
+VARIANT_SAMPLES = 16
+
+
+def variant_fidelity(reference: ModelGraph, variant: ModelGraph, samples: int = VARIANT_SAMPLES,
+                     seed: int = 0) -> float:
+    """How often a model variant answers like the reference, on `samples` random inputs: the top-1 agreement of
+    their first output when it is a score vector, else 1 - its relative error (0 at or past 100%). Why: a
+    variant's accuracy figure when its user gives none; the planner trades it against latency (min_accuracy).
+    Raises SplitError when the two do not take and give the same tensors."""
+    from splitinfer.splitter.build import build_part  # lazy: loads TensorFlow
+    from splitinfer.splitter.keras_parts import CompiledPart
+    from splitinfer.splitter.tensors import random_inputs
+
+    problem = same_interface(reference, variant)
+    if problem:
+        raise SplitError(problem)
+
+    def compiled(graph: ModelGraph) -> CompiledPart:
+        spec = PartSpec("variant", graph.compute_nodes, list(graph.inputs), list(graph.outputs))
+        return CompiledPart(build_part(graph, spec), spec.inputs, spec.outputs)
+
+    ref_fn, var_fn = compiled(reference), compiled(variant)
+    specs = [TensorSpec(**reference.tensors[t].to_json()) for t in reference.inputs]
+    first = reference.outputs[0]
+    shape = reference.tensors[first].shape
+    by_error = len(shape) == 0 or shape[-1] == 1
+    scores = []
+    for s in range(samples):
+        inputs = random_inputs(specs, 1, seed + s)
+        got, ref = var_fn(inputs)[first], ref_fn(inputs)[first]
+        scores.append(max(0.0, 1.0 - _rel_err(got, ref)) if by_error else _top1(got, ref))
+    return float(np.mean(scores))
+
+
+def same_interface(reference: ModelGraph, variant: ModelGraph) -> str | None:
+    """None when `variant` takes and gives the reference's tensors (names, dtypes, shapes but the batch), else
+    a one-line reason. Jobs name their inputs and wait for outputs by name, whichever variant answers them."""
+    for what, a, b in (("inputs", reference.inputs, variant.inputs), ("outputs", reference.outputs, variant.outputs)):
+        if list(a) != list(b):
+            return f"the variant's {what} {list(b)} are not the reference's {list(a)}"
+        for t in a:
+            x, y = reference.tensors[t], variant.tensors[t]
+            if x.dtype != y.dtype or tuple(x.shape[1:]) != tuple(y.shape[1:]):
+                return (f"the variant's {t} is {y.dtype}{list(y.shape)}, the reference's "
+                        f"{x.dtype}{list(x.shape)}")
+    return None

@@ -31,6 +31,9 @@ class Plan:
     source: str  # which algorithm produced it
     id: str = ""
     fallback_for: list[str] = field(default_factory=list)  # kept because it is best when these servers are down
+    # in a table spanning model variants: which variant runs, and its accuracy (the variant's figure x fidelity)
+    variant: str = ""
+    accuracy: float | None = None
 
     @property
     def servers(self) -> set[str]:
@@ -51,12 +54,13 @@ class Plan:
         return (
             tuple((p.server, tuple(sorted(p.nodes))) for p in self.parts),
             tuple(sorted(self.compression.items())),
+            self.variant,
         )
 
     def describe(self) -> str:
         route = " -> ".join(p.server for p in self.parts)
         codec = "".join(f" [{t}:{c}]" for t, c in self.compression.items())
-        return f"{route}{codec}"
+        return f"{self.variant + ': ' if self.variant else ''}{route}{codec}"
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -119,15 +119,18 @@ def choose_plan(
     min_fidelity: float | None = None,
     down_servers: Iterable[str] = (),
     *,
+    min_accuracy: float | None = None,
     low_battery: float = 0.3,
 ) -> Plan:
     """Pick the plan for one request.
 
-    Policy: drop plans that use a down server, then plans below min_fidelity, then plans slower than max_latency
-    (seconds). With battery_level (0..1) below low_battery, take the plan with the least device energy (ties: the
-    faster); otherwise the best plan for the table's objective: the fastest (latency; ties: the least energy), the
-    least device energy (energy; ties: the faster) or the highest pipelined throughput (throughput; ties: the
-    faster). Raises PlanError naming the constraint that nothing meets and the best value on offer.
+    Policy: drop plans that use a down server, then plans below min_fidelity or min_accuracy, then plans slower
+    than max_latency (seconds). With battery_level (0..1) below low_battery, take the plan with the least device
+    energy (ties: the faster); otherwise the best plan for the table's objective: the fastest (latency; ties: the
+    least energy), the least device energy (energy; ties: the faster) or the highest pipelined throughput
+    (throughput; ties: the faster). In a table spanning model variants the most accurate plan left comes first
+    (a variant trades accuracy for time: a tight budget leaves the small one, a loose one the large), then the
+    objective. Raises PlanError naming the constraint that nothing meets and the best value on offer.
     """
     down = set(down_servers)
     unknown = sorted(down - set(table.servers))
@@ -146,6 +149,13 @@ def choose_plan(
             best = max(live, key=lambda p: p.fidelity)
             raise PlanError(f"no plan reaches fidelity {min_fidelity:g}: best available is {best.fidelity:g} ({best.id})")
         live = ok
+    if min_accuracy is not None:
+        ok = [p for p in live if (p.accuracy if p.accuracy is not None else p.fidelity) >= min_accuracy]
+        if not ok:
+            best = max(live, key=lambda p: p.accuracy if p.accuracy is not None else p.fidelity)
+            raise PlanError(f"no plan reaches accuracy {min_accuracy:g}: best available is "
+                            f"{best.accuracy if best.accuracy is not None else best.fidelity:g} ({best.id})")
+        live = ok
     if max_latency is not None:
         ok = [p for p in live if p.latency <= max_latency]
         if not ok:
@@ -157,7 +167,34 @@ def choose_plan(
         live = ok
     if battery_level is not None and battery_level < low_battery:
         return min(live, key=lambda p: (p.energy, p.latency))
-    return min(live, key=OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"]))
+    order = OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"])
+    if any(p.accuracy is not None for p in live):
+        return min(live, key=lambda p: (-(p.accuracy if p.accuracy is not None else 0.0), *order(p)))
+    return min(live, key=order)
+
+
+def variant_table(tables: list[tuple[str, float, PlanTable]]) -> PlanTable:
+    """One plan table over model variants: [(variant, accuracy, its table)], the reference (most accurate) first
+    wins ties. Every plan keeps its variant and gets accuracy = the variant's x its compression fidelity; ids are
+    p0, p1, ... over all of them; the primary is the most accurate variant's primary."""
+    if not tables:
+        raise PlanError("no model variant to plan")
+    plans: list[Plan] = []
+    primary = None
+    best = max(tables, key=lambda t: t[1])
+    for variant, accuracy, table in tables:
+        for p in table.plans:
+            p.variant, p.accuracy = variant, accuracy * p.fidelity
+            if table is best[2] and p.id == table.primary:
+                primary = p
+            plans.append(p)
+    for i, p in enumerate(plans):
+        p.id = f"p{i}"
+    ref = best[2]
+    out = PlanTable(ref.model, ref.client, sorted({s for _, _, t in tables for s in t.servers}), plans,
+                    name=ref.name, objective=ref.objective, primary=primary.id if primary else plans[0].id,
+                    sla=ref.sla, compression=ref.compression)
+    return out
 
 
 # the plan a job without a battery constraint gets, by the deployment's objective: the least of these keys

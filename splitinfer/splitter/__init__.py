@@ -9,7 +9,7 @@ from splitinfer._lazy import lazy_exports
 
 _LAZY = {
     "CompiledPart": "keras_parts", "build_part": "build", "load_part_model": "keras_parts", "load_source_model": "build", "load_graph": "build",
-    "random_inputs": "tensors", "run_parts": "verify", "save_split": "build",
+    "random_inputs": "tensors", "run_parts": "verify", "save_split": "build", "save_split_on_runtimes": "build",
     "verify_split": "build",
     "SplitError": "errors",
     "GraphNode": "graph", "ModelGraph": "graph", "model_hash": "graph",
@@ -24,6 +24,6 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 __all__ = [
     "CompiledPart", "GraphNode", "Manifest", "ModelGraph", "PartEntry", "PartOutput", "PartSpec",
     "SplitError", "TensorInfo", "TensorSpec", "balanced_cuts", "balanced_split", "build_part", "load_part_model",
-    "load_graph", "load_source_model", "model_hash", "parse_shape", "random_inputs", "run_parts", "save_split",
+    "load_graph", "load_source_model", "model_hash", "parse_shape", "random_inputs", "run_parts", "save_split", "save_split_on_runtimes",
     "split_at_cuts", "split_by_groups", "verify_split",
 ]

@@ -178,6 +178,22 @@ def _build_part(graph: ModelGraph, spec: PartSpec) -> keras.Model:
     return keras.Model(inputs, [new[t] for t in spec.outputs], name=spec.name)
 
 
+def save_split_on_runtimes(graph: ModelGraph, parts: Sequence[PartSpec], out_dir: Path, origin: str,
+                           runtimes: Mapping[str, str | None]) -> Manifest:
+    """save_split with each part also exported for the runtime chosen for it (part name -> runtime; "tf" or None:
+    the Keras file alone), that runtime named in the manifest when its export worked (else the server runs the
+    part on what it has): how a plan's parts are saved, each on the runtime the planner priced it on."""
+    from splitinfer.splitter.manifest import RUNTIME_FORMATS
+
+    chosen = {p.name: runtimes.get(p.name) or "tf" for p in parts}
+    exports = {name: [RUNTIME_FORMATS[r]] for name, r in chosen.items() if r != "tf"}
+    manifest = save_split(graph, parts, out_dir, origin, exports=exports)
+    for part in manifest.parts:
+        part.runtime = chosen[part.name] if chosen[part.name] in part.runtimes else None
+    manifest.save(Path(out_dir))
+    return manifest
+
+
 def save_split(
     graph: ModelGraph,
     parts: Sequence[PartSpec],

@@ -173,3 +173,49 @@ def test_the_plan_follows_the_link(cluster, model_file):
             assert set(await jobs_on(c, 3)) == {on_fast}
 
     asyncio.run(go())
+
+
+def _small_model():
+    """The same job as _model (input `img`, output `head`) with a fraction of the work: a variant."""
+    from splitinfer import _tf  # noqa: F401
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(12)
+    inp = keras.Input(SHAPE, name="img")
+    x = layers.Conv2D(8, 3, strides=4, padding="same", name="reduce")(inp)
+    x = layers.MaxPooling2D(2, name="pool")(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="light0")(x)
+    out = layers.Dense(10, name="head")(layers.GlobalAveragePooling2D(name="gap")(x))
+    return keras.Model(inp, out, name="shrink_small")
+
+
+def test_a_deployment_of_two_variants_serves_the_small_one_under_a_tight_budget(cluster, model_file, tmp_path):
+    path, large = model_file
+    small = _small_model()
+    small_path = tmp_path / "small.keras"
+    small.save(small_path)
+
+    async def go():
+        async with Client(cluster.settings) as c:
+            await c.wait_for_servers(2, timeout=120)
+            reply = await c.deploy_model(path, "variants", max_plans=2, accuracy=0.76,
+                                         variants=[{"name": "small", "model": str(small_path), "accuracy": 0.68}],
+                                         timeout=600)
+            plans = reply["table"]["plans"]
+            assert {p["variant"] for p in plans} == {"reference", "small"}, plans
+            assert {p["variant"]: p["accuracy"] for p in plans} == {"reference": 0.76, "small": 0.68}
+            fastest = {v: min(p["latency"] for p in plans if p["variant"] == v) for v in ("reference", "small")}
+            assert fastest["small"] < fastest["reference"], fastest
+            variant_of = {p["id"]: p["variant"] for p in plans}
+            tight = (fastest["small"] + fastest["reference"]) / 2
+            x = _x(5)
+            for budget, want, model in ((tight, "small", small), (None, "reference", large)):
+                r = await c.infer("variants", x, deadline_s=30, max_latency_s=budget)
+                assert variant_of[r.plan] == want, (budget, r.plan, plans)
+                np.testing.assert_allclose(next(iter(r.outputs.values())), np.asarray(model(x)), atol=TOL)
+            r = await c.infer("variants", x, deadline_s=30, max_latency_s=tight * 20, min_accuracy=0.7)
+            assert variant_of[r.plan] == "reference"
+            await c.undeploy("variants")
+
+    asyncio.run(go())

@@ -171,3 +171,25 @@ def test_plan_table_on_mobilenet(mobilenet):
     assert fast.latency == min(p.latency for p in table)
     assert frugal.energy == min(p.energy for p in table)
     assert len(table) >= 2
+
+
+def test_a_variants_fidelity_is_its_agreement_with_the_reference():
+    from splitinfer import _tf  # noqa: F401
+    import keras
+    from keras import layers
+
+    from splitinfer.monitor.fidelity import variant_fidelity
+    from splitinfer.splitter import ModelGraph, SplitError
+
+    def model(seed: int, width: int, out_name: str = "head"):
+        keras.utils.set_random_seed(seed)
+        inp = keras.Input((8, 8, 3), name="img")
+        x = layers.Conv2D(width, 3, activation="relu", name="c")(inp)
+        return keras.Model(inp, layers.Dense(5, name=out_name)(layers.GlobalAveragePooling2D(name="g")(x)))
+
+    ref = ModelGraph(model(0, 8))
+    assert variant_fidelity(ref, ModelGraph(model(0, 8))) == 1.0
+    other = variant_fidelity(ref, ModelGraph(model(1, 4)))
+    assert 0.0 <= other <= 1.0
+    with pytest.raises(SplitError, match="outputs"):
+        variant_fidelity(ref, ModelGraph(model(0, 8, out_name="other")))

@@ -194,3 +194,39 @@ def test_the_hop_window_keeps_recent_samples_only():
     assert {x.deployment: x.latency_s for x in lats}["m:p0"] == pytest.approx(3.6)  # median of the last 4
     clock[0] += 11
     assert w.summary() == ([], [])
+
+
+# ------------------------------------------------------------------------------ model variants
+
+def test_a_table_over_two_variants_gives_the_small_one_under_a_tight_budget_and_the_large_one_else():
+    from splitinfer.planner import choose_plan
+    from splitinfer.planner.table import variant_table
+
+    def scaled(factor: float) -> CostGraph:
+        g = chain()
+        nodes = [CostNode(n.name, n.cost * factor, n.inputs, n.outputs, n.param_bytes) for n in g.nodes.values()]
+        return CostGraph(nodes, {t: x.nbytes for t, x in g.tensors.items()}, list(g.inputs), list(g.outputs),
+                         name="chain")
+
+    c = cluster(1000)
+    large = plan_deployment(scaled(1.0), c, "latency", max_plans=3, name="m")
+    small = plan_deployment(scaled(0.1), c, "latency", max_plans=3, name="m")
+    table = variant_table([("large", 0.76, large), ("small", 0.68, small)])
+    assert len({p.id for p in table.plans}) == len(table.plans) == len(large.plans) + len(small.plans)
+    assert {p.variant for p in table.plans} == {"large", "small"}
+    assert table.get(table.primary).variant == "large"
+    fastest = {v: min(p.latency for p in table.plans if p.variant == v) for v in ("large", "small")}
+    assert fastest["small"] < fastest["large"]
+    tight = (fastest["small"] + fastest["large"]) / 2
+    assert choose_plan(table, max_latency=tight).variant == "small"
+    assert choose_plan(table, max_latency=fastest["large"] * 2).variant == "large"
+    assert choose_plan(table).variant == "large"
+    assert choose_plan(table, max_latency=tight * 10, min_accuracy=0.7).variant == "large"
+    with pytest.raises(PlanError, match="accuracy 0.8"):
+        choose_plan(table, min_accuracy=0.8)
+    with pytest.raises(PlanError, match="latency budget"):
+        choose_plan(table, max_latency=tight, min_accuracy=0.7)
+    # the table survives its JSON form (the pool stores it, front ends receive it)
+    from splitinfer.planner import PlanTable
+    again = PlanTable.from_json(table.to_json())
+    assert [(p.id, p.variant, p.accuracy) for p in again.plans] == [(p.id, p.variant, p.accuracy) for p in table.plans]

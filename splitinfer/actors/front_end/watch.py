@@ -92,7 +92,7 @@ def route(deployment: str, table: PlanTable | None, requirements: Requirements, 
     battery = requirements.battery if requirements.battery is not None else watch.battery(table.client)
     try:
         plan = choose_plan(table, requirements.max_latency_s, battery, requirements.min_fidelity,
-                           watch.down(table.servers))
+                           watch.down(table.servers), min_accuracy=requirements.min_accuracy)
     except PlanError as exc:
         return deployment, None, ("no_plan", str(exc))
     return plan_deployment_name(deployment, plan.id), plan.id, None

@@ -61,6 +61,7 @@ from splitinfer.messages import (
     plan_deployment_name,
 )
 from splitinfer.monitor import measure_compression, profile_model
+from splitinfer.monitor.fidelity import same_interface, variant_fidelity
 from splitinfer.monitor.runtime import speed_gflops
 from splitinfer.planner import (
     BrokerOverhead,
@@ -78,9 +79,11 @@ from splitinfer.planner import (
 from splitinfer.planner.adaptive import Improvement, ReplanPolicy, Replanner, better_plan
 from splitinfer.planner.learning import StableSince, learn
 from splitinfer.planner.plan import Plan
-from splitinfer.splitter import ModelGraph, SplitError, load_source_model, save_split, split_by_groups
-from splitinfer.splitter.manifest import RUNTIME_FORMATS, Manifest
+from splitinfer.planner.table import variant_table
+from splitinfer.splitter import ModelGraph, SplitError, load_source_model, save_split_on_runtimes, split_by_groups
+from splitinfer.splitter.manifest import Manifest
 
+REFERENCE_VARIANT = "reference"  # the deploy's own model, when the table spans variants
 MAX_LOAD = 0.9  # a server's load as the planner sees it: its CPU share, capped (a busy server still gets a price)
 
 
@@ -102,6 +105,7 @@ class Optimizer(Actor):
         self.sources: dict[str, ModelGraph] = {}  # each model deployment's source graph, to split new plans from
         self.replanners: dict[str, Replanner] = {}
         self._stable: dict[str, StableSince] = {}  # model -> since when each plan's prediction holds
+        self._variant_cost_graphs: dict[str, dict[str, CostGraph]] = {}
         self.reference_gflops: float | None = None
         st = self.settings
         self.policy = ReplanPolicy(threshold=st.replan_threshold, hold=st.replan_hold, cooldown_s=st.replan_cooldown_s,
@@ -160,33 +164,27 @@ class Optimizer(Actor):
         if req.client_site is not None:
             client_site = req.client_site
         lap("cluster")
-        graph = await self.load_model(req)
+        graph = await self.load_model(req.model, req.input_shape)
         lap("load")
-        profile = await self.run_in_worker(lambda: profile_model(graph, cache_dir=self.settings.profile_cache()))
-        try:
-            cost_graph = cost_graph_from_profile(graph, profile).keep_on_device(req.keep_on_device)
-        except PlanError as exc:
-            raise DeployError(str(exc)) from None
-        lap("profile")
-        compression = None
-        if req.compression:
-            measured = await self.run_in_worker(
-                lambda: measure_compression(graph, cache_dir=self.settings.profile_cache()))
-            compression = measured.fidelity_table()
-            lap("fidelity")
         cluster = self.make_cluster(servers, client_site, state)
-        table = plan_deployment(cost_graph, cluster, req.objective, sla=req.sla_s, compression=compression,
-                                max_plans=req.max_plans, name=req.name)
+        cost_graph, table = await self._plan_model(graph, req, cluster)
         lap("plan")
+        graphs = {"": (graph, req.model, cost_graph)}  # variant -> (model graph, origin, cost graph)
+        if req.variants:
+            table, graphs = await self._plan_variants(req, cluster, graph, cost_graph, table)
+            lap("variants")
         self.log("planned", name=req.name, objective=req.objective, client=cluster.client,
                  plans=[f"{p.id}: {p.describe()} {p.latency * 1e3:.1f} ms" for p in table.plans])
         deployed: list[tuple[str, dict[str, list[str]]]] = []
         try:
-            await self._deploy_plans(graph, req.name, req.model, table.plans, deployed)
+            for variant, (g, origin, _) in graphs.items():
+                await self._deploy_plans(g, req.name, origin, [p for p in table.plans if p.variant == variant],
+                                         deployed)
             lap("split_upload_load")
             doc = PlanTableMessage(name=req.name, table=table.to_json(), cost_graph=cost_graph.to_json(),
                                    origin=req.model, input_shape=req.input_shape, servers=req.servers,
-                                   client_site=req.client_site, deployed_at=time.time())
+                                   client_site=req.client_site, deployed_at=time.time(), variants=req.variants,
+                                   variant_graphs={v: cg.to_json() for v, (_, _, cg) in graphs.items() if v})
             await self.pool.store_plan_table(doc)
         except BaseException:
             await self._roll_back(req.name, deployed)
@@ -194,11 +192,52 @@ class Optimizer(Actor):
         self.models[req.name] = (table, cost_graph, doc)
         self.sources[req.name] = graph
         self.replanners.pop(req.name, None)
+        self._variant_cost_graphs.pop(req.name, None)
         await self._push(req.name)
         return DeployReply(name=req.name, message=f"{req.name}: {len(table.plans)} plan(s) serving, primary "
                                                   f"{table.primary}",
                            table=table.to_json(), timings_s=timings,
                            deployments={p.id: plan_deployment_name(req.name, p.id) for p in table.plans})
+
+    async def _plan_model(self, graph: ModelGraph, req: DeployModel, cluster: Cluster) -> tuple[CostGraph, PlanTable]:
+        """Profile one model (cached), measure its compression fidelity when asked, plan its table."""
+        profile = await self.run_in_worker(lambda: profile_model(graph, cache_dir=self.settings.profile_cache()))
+        try:
+            cost_graph = cost_graph_from_profile(graph, profile).keep_on_device(req.keep_on_device)
+        except PlanError as exc:
+            raise DeployError(str(exc)) from None
+        compression = None
+        if req.compression:
+            measured = await self.run_in_worker(
+                lambda: measure_compression(graph, cache_dir=self.settings.profile_cache()))
+            compression = measured.fidelity_table()
+        table = plan_deployment(cost_graph, cluster, req.objective, sla=req.sla_s, compression=compression,
+                                max_plans=req.max_plans, name=req.name)
+        return cost_graph, table
+
+    async def _plan_variants(self, req: DeployModel, cluster: Cluster, graph: ModelGraph, cost_graph: CostGraph,
+                             table: PlanTable) -> tuple[PlanTable, dict[str, tuple[ModelGraph, str, CostGraph]]]:
+        """Plan every variant and merge the tables (planner.variant_table). A variant's accuracy is the user's
+        figure, else its measured fidelity to the reference times the reference's accuracy."""
+        reference = req.accuracy if req.accuracy is not None else 1.0
+        tables = [(REFERENCE_VARIANT, reference, table)]
+        graphs = {REFERENCE_VARIANT: (graph, req.model, cost_graph)}
+        for v in req.variants:
+            if v.name == REFERENCE_VARIANT or v.name in graphs:
+                raise DeployError(f"variant name {v.name!r} is taken: give each variant its own name")
+            g = await self.load_model(v.model, v.input_shape or req.input_shape)
+            problem = same_interface(graph, g)
+            if problem:
+                raise DeployError(f"variant {v.name}: {problem}")
+            accuracy = v.accuracy
+            if accuracy is None:
+                accuracy = reference * await self.run_in_worker(variant_fidelity, graph, g)
+            cg, t = await self._plan_model(g, req, cluster)
+            tables.append((v.name, accuracy, t))
+            graphs[v.name] = (g, v.model, cg)
+            self.log("variant_planned", name=req.name, variant=v.name, accuracy=round(accuracy, 4),
+                     fastest_ms=round(min(p.latency for p in t.plans) * 1e3, 2))
+        return variant_table(tables), graphs
 
     async def _deploy_plans(self, graph: ModelGraph, name: str, origin: str, plans: list[Plan],
                             deployed: list[tuple[str, dict[str, list[str]]]]) -> None:
@@ -214,11 +253,9 @@ class Optimizer(Actor):
                     specs = split_by_groups(graph, plan.groups())
                     # each part on the runtime the plan chose for it (its file exported to that runtime's format)
                     runtime = {n: p.runtime for p in plan.parts for n in p.nodes}
-                    chosen = {s.name: runtime.get(s.nodes[0]) or "tf" for s in specs}
-                    exports = {name: [RUNTIME_FORMATS[r]] for name, r in chosen.items() if r != "tf"}
-                    manifest = save_split(graph, specs, out, origin=origin, exports=exports)
+                    manifest = save_split_on_runtimes(graph, specs, out, origin,
+                                                      {s.name: runtime.get(s.nodes[0]) for s in specs})
                     for part in manifest.parts:  # the cut tensors the plan sends compressed
-                        part.runtime = chosen[part.name] if chosen[part.name] in part.runtimes else None
                         for o in part.outputs:
                             o.codec = plan.compression.get(o.name)
                     manifest.save(out)
@@ -281,6 +318,7 @@ class Optimizer(Actor):
         self.sources.pop(name, None)
         self.replanners.pop(name, None)
         self._stable.pop(name, None)
+        self._variant_cost_graphs.pop(name, None)
         # front ends forget the table
         await self.publisher.publish("control", Names.plans_key(name), PlanTableMessage(name=name, removed=True),
                                      mandatory=False)
@@ -333,12 +371,11 @@ class Optimizer(Actor):
                             default=self.settings.default_link if emulated else None,
                             measured=state.links if state else ())
 
-    async def load_model(self, req: DeployModel) -> ModelGraph:
-        origin = req.model
+    async def load_model(self, origin: str, input_shape: list[int] | None) -> ModelGraph:
         try:
             if origin.startswith("pool:"):
                 origin = str(await self.pool.fetch_source(origin, self.settings.cache_dir / "sources"))
-            shape = tuple(req.input_shape) if req.input_shape else None
+            shape = tuple(input_shape) if input_shape else None
             return await self.run_in_worker(lambda: ModelGraph(load_source_model(origin, shape)))
         except (SplitError, MessageError) as exc:
             raise DeployError(str(exc)) from None
@@ -395,6 +432,16 @@ class Optimizer(Actor):
             site = doc.client_site if doc.client_site is not None else (front[0] if front else "")
             cluster = self.make_cluster(servers, site, state)
             if cluster.client != table.client:  # the device is down: keep the deploy-time figures
+                continue
+            if doc.variant_graphs:  # each variant's plans on its own graph; (re-planning covers one-model tables)
+                changed = False
+                for variant, graph in self._variant_graphs(name, doc).items():
+                    view = PlanTable(table.model, table.client, table.servers,
+                                     [p for p in table.plans if p.variant == variant], objective=table.objective,
+                                     compression=table.compression)
+                    changed = bool(repredict(view, graph, cluster)) or changed
+                if changed:
+                    await self._push(name)
                 continue
             if self.settings.learn_costs and state is not None and (state.hops or state.latencies):
                 learned = learn(table, cost_graph, cluster, state.hops, state.latencies,
@@ -477,11 +524,15 @@ class Optimizer(Actor):
             except Exception as exc:  # best effort: an unused deployment costs storage, not correctness
                 self.log.warning("retire_unload_failed", deployment=dep, error=first_line(exc))
 
+    def _variant_graphs(self, name: str, doc: PlanTableMessage) -> dict[str, CostGraph]:
+        if name not in self._variant_cost_graphs:
+            self._variant_cost_graphs[name] = {v: CostGraph.from_json(g) for v, g in doc.variant_graphs.items()}
+        return self._variant_cost_graphs[name]
+
     async def _source_graph(self, name: str, doc: PlanTableMessage) -> ModelGraph:
         """The model the deployment came from (kept since its deploy, or loaded again after a restart)."""
         if name not in self.sources:
-            self.sources[name] = await self.load_model(DeployModel(name=name, model=doc.origin,
-                                                                   input_shape=doc.input_shape))
+            self.sources[name] = await self.load_model(doc.origin, doc.input_shape)
         return self.sources[name]
 
 

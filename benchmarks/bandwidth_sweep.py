@@ -10,8 +10,9 @@ that crosses sites by the link's RTT and bytes / bandwidth (settings `emulate_li
 bandwidth, no restart). The device-edge bandwidth is swept; edge-cloud is fixed; device-cloud goes through the edge
 (RTTs add, the narrower bandwidth counts).
 
-Per bandwidth: the planner's plan (exact chain DP, latency objective, on the cached profile of this machine and
-the broker overhead calibrated below), its predicted and measured end-to-end latency, and the measured latency of
+Per bandwidth: the planner's plan (exact chain DP, latency objective, on the cached profile of this machine, the
+speeds the servers measured and report (calibration / slowdown, as the optimizer prices them) and the broker
+overhead calibrated below), its predicted and measured end-to-end latency, and the measured latency of
 all-on-device, all-on-cloud and every single cut (device | remote) for each `--remotes` site. Every alternative
 is deployed once; each bandwidth reuses the deployments.
 
@@ -72,12 +73,12 @@ def sites_links(bw_mbps: float, args) -> dict[str, tuple[float, float]]:
 def planner_cluster(links: dict[str, tuple[float, float]], args, broker=None):
     from splitinfer.planner import BrokerOverhead, Cluster, Link, Server
 
+    measured = getattr(args, "measured_speeds", None) or {}  # once the servers report theirs
+    set_speeds = {"device": 1.0 / args.device_slowdown, "edge": 1.0 / args.edge_slowdown, "cloud": 1.0}
     servers = [
         # the front end holds the inputs; speed ~0 so no operation is placed on it
         Server(name=CLIENT, site="device", speed=1e-9),
-        Server(name="device", site="device", speed=1.0 / args.device_slowdown),
-        Server(name="edge", site="edge", speed=1.0 / args.edge_slowdown),
-        Server(name="cloud", site="cloud", speed=1.0),
+        *(Server(name=n, site=n, speed=measured.get(n, v)) for n, v in set_speeds.items()),
     ]
     return Cluster(servers=servers, client=CLIENT, broker=broker or BrokerOverhead(),
                    links=[Link(a=k.split("-")[0], b=k.split("-")[1], rtt=r, bandwidth=b)
@@ -139,6 +140,16 @@ def hops_and_bytes(cost_graph, alt: Alternative) -> tuple[int, float]:
     return hops, nbytes
 
 
+async def measured_speeds(c) -> dict[str, float]:
+    from splitinfer.config import get_settings
+    from splitinfer.monitor.runtime import speed_gflops
+
+    reference = speed_gflops(get_settings().profile_cache())
+    state = await c.cluster_state()
+    return {a.actor_id: a.state.speed_gflops / reference / max(1.0, a.state.slowdown)
+            for a in state.servers() if a.state.speed_gflops and reference}
+
+
 async def run(args, console: Console) -> dict:
     import numpy as np
 
@@ -188,6 +199,11 @@ async def run(args, console: Console) -> dict:
         async with ClusterRun(3, settings, say, config=cfg) as cluster:
             async with Client(cluster.settings) as c:
                 await c.wait_for_servers(3, timeout=120)
+                # the planner prices each server as it measured itself: calibrated GFLOP/s over this machine's,
+                # divided by its slowdown (as the optimizer does), not the slowdowns given on the command line
+                args.measured_speeds = await measured_speeds(c)
+                say("servers' measured speeds (x this machine): " +
+                    ", ".join(f"{k} {v:.3f}" for k, v in sorted(args.measured_speeds.items())))
                 with progress:
                     task = progress.add_task("split and deploy", total=len(alts))
                     splits: dict[tuple, Path] = {}
@@ -297,6 +313,7 @@ async def run(args, console: Console) -> dict:
         "device_slowdown": args.device_slowdown, "edge_slowdown": args.edge_slowdown,
         "device_edge_rtt_ms": args.device_edge_rtt_ms, "edge_cloud_rtt_ms": args.edge_cloud_rtt_ms,
         "edge_cloud_mbps": args.edge_cloud_mbps, "reps": args.reps,
+        "measured_speeds": args.measured_speeds,
         "calibration": {"client_hops_ms": c0 * 1e3, "per_hop_ms": per_message * 1e3, "per_mb_ms": per_byte * 1e9},
         "calibration_rows": calibration_rows,
         "alternatives": len(alts),

@@ -58,3 +58,18 @@ def test_version_and_piped_tables():
 
     # the test runs with stdout captured, as when piped: the console is wide, so long ids stay on one line
     assert console.width == PIPED_WIDTH >= 160
+
+
+def test_a_bad_model_variant_or_accuracy_is_a_one_line_error_before_anything_is_sent(tmp_path):
+    runner = CliRunner()
+    for spec, says in (("small", "NAME=MODEL"), ("sm-all=keras.applications:MobileNetV3Small", "NAME=MODEL"),
+                       ("small=keras.applications:MobileNetV3Small@high", "not a number"),
+                       ("small=keras.applications:MobileNetV3Small@1.5", "(0, 1]"),
+                       (f"small={tmp_path / 'missing.keras'}", "not a .keras file")):
+        r = runner.invoke(app, ["deploy", "keras.applications:MobileNetV3Large", "--variant", spec,
+                                "--broker-url", "amqp://guest:guest@127.0.0.1:1/"])
+        assert r.exit_code != 0, (spec, r.output)
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and says in lines[0], (spec, r.output)
+    r = runner.invoke(app, ["infer", "-d", "m", "-i", str(tmp_path / "x.npy"), "--min-accuracy", "0"])
+    assert r.exit_code != 0 and "--min-accuracy" in r.output

@@ -72,6 +72,9 @@ async def run(args, console: Console) -> dict:
     from splitinfer.planner import cost_graph_from_profile
     from splitinfer.splitter import ModelGraph, load_source_model
 
+    from splitinfer.actors.model_server.runner import configure_tf
+
+    configure_tf(get_settings())  # profile on the threads a server runs on, as the optimizer does
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
     phases = [(float(b), float(s)) for b, s in (p.split(":") for p in args.phases.split(","))]
     os.environ.update(replan_env(args))

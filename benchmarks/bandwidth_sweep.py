@@ -161,6 +161,11 @@ async def run(args, console: Console) -> dict:
     from splitinfer.config import get_settings
     from splitinfer.splitter import ModelGraph, load_source_model
 
+    from splitinfer.actors.model_server.runner import configure_tf
+
+    # profile and calibrate on the threads a server runs on (as the optimizer does): else this process's profile and
+    # calibration are of another machine than the servers' reports
+    configure_tf(get_settings())
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
     bandwidths = [float(b) for b in args.bandwidths.split(",")]
     remotes = [r for r in args.remotes.split(",") if r]

@@ -170,7 +170,33 @@ def choose_plan(
     order = OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"])
     if any(p.accuracy is not None for p in live):
         return min(live, key=lambda p: (-(p.accuracy if p.accuracy is not None else 0.0), *order(p)))
-    return min(live, key=order)
+    best = min(live, key=order)
+    primary = next((p for p in live if p.id == table.primary), None)
+    return primary if primary is not None and not beats_primary(table, best, primary) else best
+
+
+# Per-job choice keeps to the table's primary unless another plan is better by more than this on the objective:
+# plans a few percent apart would otherwise take turns on every re-prediction's noise
+PRIMARY_MARGIN = 0.05
+
+
+def beats_primary(table: PlanTable, plan: Plan, primary: Plan) -> bool:
+    score = OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"])
+    return score(plan)[0] < score(primary)[0] * (1.0 - PRIMARY_MARGIN)
+
+
+def keep_primary_current(table: PlanTable, runnable: Iterable[Plan]) -> bool:
+    """After a re-prediction: the primary moves to the objective's best runnable plan when that beats it by more
+    than PRIMARY_MARGIN (or the primary cannot run). True when it moved."""
+    runnable = list(runnable)
+    if not runnable:
+        return False
+    best = min(runnable, key=OBJECTIVE_ORDER.get(table.objective, OBJECTIVE_ORDER["latency"]))
+    primary = next((p for p in runnable if p.id == table.primary), None)
+    if primary is None or (best is not primary and beats_primary(table, best, primary)):
+        table.primary = best.id
+        return primary is not best
+    return False
 
 
 def variant_table(tables: list[tuple[str, float, PlanTable]]) -> PlanTable:

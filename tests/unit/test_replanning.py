@@ -230,3 +230,20 @@ def test_a_table_over_two_variants_gives_the_small_one_under_a_tight_budget_and_
     from splitinfer.planner import PlanTable
     again = PlanTable.from_json(table.to_json())
     assert [(p.id, p.variant, p.accuracy) for p in again.plans] == [(p.id, p.variant, p.accuracy) for p in table.plans]
+
+
+def test_per_job_choice_keeps_to_the_primary_among_plans_a_few_percent_apart():
+    from splitinfer.planner import choose_plan
+    from splitinfer.planner.table import PRIMARY_MARGIN, keep_primary_current
+
+    table = plan_deployment(chain(), cluster(5), "latency", max_plans=6, name="m")
+    assert len(table.plans) >= 2
+    fast, other = sorted(table.plans, key=lambda p: p.latency)[:2]
+    table.primary = other.id
+    other.latency = fast.latency * (1 + PRIMARY_MARGIN / 2)      # within the margin: the primary stays
+    assert choose_plan(table).id == other.id
+    assert not keep_primary_current(table, table.plans) and table.primary == other.id
+    assert choose_plan(table, max_latency=fast.latency).id == fast.id  # a budget the primary misses
+    other.latency = fast.latency * (1 + 3 * PRIMARY_MARGIN)      # clearly slower: the best answers, primary moves
+    assert choose_plan(table).id == fast.id
+    assert keep_primary_current(table, table.plans) and table.primary == fast.id

@@ -79,7 +79,7 @@ from splitinfer.planner import (
 from splitinfer.planner.adaptive import Improvement, ReplanPolicy, Replanner, better_plan
 from splitinfer.planner.learning import StableSince, learn
 from splitinfer.planner.plan import Plan
-from splitinfer.planner.table import variant_table
+from splitinfer.planner.table import keep_primary_current, variant_table
 from splitinfer.splitter import ModelGraph, SplitError, load_source_model, save_split_on_runtimes, split_by_groups
 from splitinfer.splitter.manifest import Manifest
 
@@ -450,6 +450,10 @@ class Optimizer(Actor):
                 if learned.errors or learned.speed_factor:
                     self.log("costs_learned", deployment=name, **learned.describe())
             changed = bool(repredict(table, cost_graph, cluster))
+            known = {s.name for s in cluster.servers}
+            before = table.primary
+            if keep_primary_current(table, [p for p in table.plans if p.servers <= known]):
+                self.log("primary_changed", deployment=name, before=before, after=table.primary)
             if self.settings.adaptive_replanning:
                 changed = await self.adapt(name, cluster) or changed
             if changed:

@@ -17,7 +17,9 @@ all-on-device, all-on-cloud and every single cut (device | remote) for each `--r
 is deployed once; each bandwidth reuses the deployments.
 
 Calibration, once, with every link instant: every deployment is measured; the latency that is not compute (as the
-servers report it, slowdown included) is fitted as c0 + a * hops + b * bytes (least squares). a and b
+servers report it, slowdown included) is fitted as c0 + a * hops + b * bytes (least squares), and each server's
+measured compute against its predicted compute gives its learned compute factor (planner.learning, what the
+optimizer learns from answers), by which the planner divides its speed. a and b
 become the planner's broker overhead, c0 (the client's two hops to and from the front end) is added to every
 prediction. Report: table, JSON (`--json`), PNG (`--plot`). Checks from issue 5: chosen plans measured within 15% of
 predicted; chosen plan within 5% of the best measured alternative. Takes several minutes; not run in CI.
@@ -43,6 +45,7 @@ from rich.table import Table
 
 MBPS = 1e6 / 8  # bytes/s per Mbit/s
 PLAN_TOLERANCE = 0.15
+CALIBRATION_REPS = 5  # per alternative with instant links: the overhead fit and the learned compute factors
 CHOICE_TOLERANCE = 0.05
 CLIENT = "frontend"  # the planner's client: the front end at the device site (it runs no part)
 
@@ -74,11 +77,12 @@ def planner_cluster(links: dict[str, tuple[float, float]], args, broker=None):
     from splitinfer.planner import BrokerOverhead, Cluster, Link, Server
 
     measured = getattr(args, "measured_speeds", None) or {}  # once the servers report theirs
+    factor = getattr(args, "speed_factors", None) or {}     # once their answers say what compute really costs
     set_speeds = {"device": 1.0 / args.device_slowdown, "edge": 1.0 / args.edge_slowdown, "cloud": 1.0}
     servers = [
         # the front end holds the inputs; speed ~0 so no operation is placed on it
         Server(name=CLIENT, site="device", speed=1e-9),
-        *(Server(name=n, site=n, speed=measured.get(n, v)) for n, v in set_speeds.items()),
+        *(Server(name=n, site=n, speed=measured.get(n, v) / factor.get(n, 1.0)) for n, v in set_speeds.items()),
     ]
     return Cluster(servers=servers, client=CLIENT, broker=broker or BrokerOverhead(),
                    links=[Link(a=k.split("-")[0], b=k.split("-")[1], rtt=r, bandwidth=b)
@@ -108,6 +112,25 @@ def save_alternative(graph, cost_graph, cluster, alt: Alternative, out: Path, or
     save_split_on_runtimes(graph, split_by_groups(graph, groups), out, origin,
                            {f"part{k}": q.runtime for k, q in enumerate(plan.parts)})
     return out
+
+
+def learned_speed_factors(cost_graph, cluster, alts: list[Alternative], part_compute: dict) -> dict[str, float]:
+    """planner.learning on the calibration's answers: the alternatives as one plan table, their parts' measured
+    compute as the front end would report it."""
+    from splitinfer.messages import HopStat
+    from splitinfer.planner import PlanTable, make_plan
+    from splitinfer.planner.learning import learn
+
+    plans = []
+    for alt in alts:
+        plan = make_plan(cost_graph, cluster, alt.parts)
+        plan.id = alt.deployment
+        plans.append(plan)
+    table = PlanTable(cost_graph.name, CLIENT, [s.name for s in cluster.servers], plans, name="sweep")
+    hops = [HopStat(deployment=f"sweep:{dep}", part=part, server=server, transfer_s=0.0,
+                    compute_s=statistics.median(v), samples=len(v))
+            for (dep, part, server), v in part_compute.items() if part.startswith("part")]
+    return learn(table, cost_graph, cluster, hops, []).speed_factor
 
 
 def predict(cost_graph, cluster, alt: Alternative, c0: float) -> float:
@@ -232,12 +255,16 @@ async def run(args, console: Console) -> dict:
                     local = await asyncio.to_thread(
                         lambda: local_runner(next(iter(splits.values())))({first.input_name: x}))
 
+                part_compute: dict[tuple[str, str, str], list[float]] = {}  # (deployment, part, server) -> s
+
                 async def measure(alt: Alternative, bw: float, reps: int) -> None:
                     for _ in range(reps):
                         t0 = time.perf_counter()
                         r = await c.infer(alt.deployment, {alt.input_name: x}, deadline_s=120)
                         alt.measured.setdefault(bw, []).append(time.perf_counter() - t0)
                         alt.compute.setdefault(bw, []).append(sum(h.compute_s for h in r.hops))
+                        for h in r.hops:
+                            part_compute.setdefault((alt.deployment, h.part, h.server), []).append(h.compute_s)
                         err = max(float(np.max(np.abs(np.asarray(r.outputs[k]) - np.asarray(v))))
                                   for k, v in local.items() if k in r.outputs)
                         if err > 1e-4:
@@ -251,7 +278,7 @@ async def run(args, console: Console) -> dict:
                     flat = planner_cluster({k: (0.0, 1e12) for k in sites_links(1, args)}, args,
                                            BrokerOverhead(per_message=0.0, per_byte=0.0))
                     for alt in alts:
-                        await measure(alt, 0.0, 2)
+                        await measure(alt, 0.0, CALIBRATION_REPS)
                         hops, nbytes = hops_and_bytes(cost_graph, alt)
                         # what is neither compute (as the servers measured it) nor link delay (none here)
                         residual = min(m - c for m, c in zip(alt.measured[0.0], alt.compute[0.0]))
@@ -263,6 +290,11 @@ async def run(args, console: Console) -> dict:
                         progress.advance(task)
                 c0, per_message, per_byte = fit_overhead(rows)
                 broker = BrokerOverhead(per_message=per_message, per_byte=per_byte)
+                # what the servers' compute really costs against the profile (as the optimizer learns it from the
+                # answers): each server's speed divided by its measured / predicted compute
+                args.speed_factors = learned_speed_factors(cost_graph, flat, alts, part_compute)
+                say("learned compute factors (measured / predicted): " +
+                    ", ".join(f"{k} {v:.3f}" for k, v in sorted(args.speed_factors.items())))
                 say(f"calibrated: client hops {c0 * 1e3:.2f} ms, per hop {per_message * 1e3:.2f} ms + "
                     f"{per_byte * 1e9:.2f} ms/MB")
 
@@ -318,7 +350,7 @@ async def run(args, console: Console) -> dict:
         "device_slowdown": args.device_slowdown, "edge_slowdown": args.edge_slowdown,
         "device_edge_rtt_ms": args.device_edge_rtt_ms, "edge_cloud_rtt_ms": args.edge_cloud_rtt_ms,
         "edge_cloud_mbps": args.edge_cloud_mbps, "reps": args.reps,
-        "measured_speeds": args.measured_speeds,
+        "measured_speeds": args.measured_speeds, "learned_speed_factors": args.speed_factors,
         "calibration": {"client_hops_ms": c0 * 1e3, "per_hop_ms": per_message * 1e3, "per_mb_ms": per_byte * 1e9},
         "calibration_rows": calibration_rows,
         "alternatives": len(alts),

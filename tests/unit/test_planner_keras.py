@@ -174,8 +174,6 @@ def test_plan_table_on_mobilenet(mobilenet):
 
 
 def test_a_variants_fidelity_is_its_agreement_with_the_reference():
-    from splitinfer import _tf  # noqa: F401
-    import keras
     from keras import layers
 
     from splitinfer.monitor.fidelity import variant_fidelity

@@ -108,6 +108,9 @@ def test_every_message_type_round_trips():
         M.SetLinks(links={"a-b": M.LinkSpec(rtt_ms=1)}), M.Probe(probe_id="p", payload=b"x", reply_bytes=3),
         M.ProbeReply(probe_id="p"), M.GetState(), M.ClusterState(),
         M.LinkReport(link=M.LinkState(src_site="a", dst_site="b", rtt_ms=1.0)),
+        M.HopReport(source="fe", hops=[M.HopStat(deployment="m:p0", part="part0", server="s", transfer_s=0.001,
+                                                 compute_s=0.01, samples=5)],
+                    latencies=[M.DeploymentLatency(deployment="m:p0", latency_s=0.02, samples=5, since=1.0)]),
     ]
     assert {m.TYPE for m in msgs} == set(M.MESSAGE_TYPES)
     for m in msgs:

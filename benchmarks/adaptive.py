@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -39,22 +38,18 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bandwidth_sweep import MBPS, alternatives, planner_cluster, save_alternative, sites_links
+from bandwidth_sweep import (
+    MBPS,
+    add_site_arguments,
+    alternatives,
+    planner_cluster,
+    run_and_report,
+    save_alternative,
+    sites_links,
+)
 
 BEST_TOLERANCE = 0.10
 NAME = "adaptive"
-
-
-def read_events(path: Path) -> list[dict]:
-    """An actor's structured log lines (JSON objects, one per line)."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
 
 
 def replan_env(args) -> dict[str, str]:
@@ -65,6 +60,7 @@ def replan_env(args) -> dict[str, str]:
 
 
 async def run(args, console: Console) -> dict:
+    from splitinfer.actors.transport.log import read_log_events
     from splitinfer.client import Client
     from splitinfer.config import ClusterConfig, get_settings
     from splitinfer.harness import ClusterRun
@@ -168,7 +164,7 @@ async def run(args, console: Console) -> dict:
                             "stream_vs_best": statistics.median(steady) / measured[best] - 1,
                             "alternatives_ms": measured,
                         })
-                events = read_events(log)
+                events = read_log_events(log)
                 changes = [e for e in events if e.get("event") in ("replanned", "retired", "replan_failed")]
                 errors = [{"at_s": e["t"] - wall_start, "plan": pid, **{k: v for k, v in fig.items()}}
                           for e in events if e.get("event") == "costs_learned" and e["t"] >= wall_start
@@ -271,11 +267,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="keras.applications:MobileNetV3Large")
     ap.add_argument("--phases", default="100:60,5:60,50:60", help="device-edge Mbit/s:seconds, comma-separated")
-    ap.add_argument("--device-slowdown", type=float, default=10.0)
-    ap.add_argument("--edge-slowdown", type=float, default=3.0)
-    ap.add_argument("--device-edge-rtt-ms", type=float, default=5.0)
-    ap.add_argument("--edge-cloud-rtt-ms", type=float, default=5.0)
-    ap.add_argument("--edge-cloud-mbps", type=float, default=1000.0)
+    add_site_arguments(ap)
     ap.add_argument("--max-plans", type=int, default=1, help="plans the deploy keeps (1: every better plan is made)")
     ap.add_argument("--cut-stride", type=int, default=8, help="alternatives: every Nth cut point")
     ap.add_argument("--reps", type=int, default=5, help="runs per alternative (and the plan in use) per phase")
@@ -283,19 +275,7 @@ def main() -> None:
     ap.add_argument("--hold", type=int, default=2)
     ap.add_argument("--cooldown-s", type=float, default=10.0)
     ap.add_argument("--threshold", type=float, default=0.15)
-    ap.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    console = Console(stderr=args.json)
-    report = asyncio.run(run(args, console))
-    if args.plot:
-        plot(report, args.plot)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report, console)
-        if args.plot:
-            console.print(f"plot: {args.plot}")
+    run_and_report(ap, run, print_report, plot)
 
 
 if __name__ == "__main__":

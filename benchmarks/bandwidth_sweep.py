@@ -417,14 +417,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="keras.applications:MobileNetV3Large")
     ap.add_argument("--bandwidths", default="1,2,5,10,20,50,100", help="device-edge Mbit/s, comma-separated")
+    add_site_arguments(ap)
+    ap.add_argument("--remotes", default="cloud,edge", help="sites that take the rest after a single cut")
+    ap.add_argument("--cut-stride", type=int, default=1, help="every Nth cut point only (quick runs); 1: every cut")
+    ap.add_argument("--reps", type=int, default=3, help="runs per alternative near the best (others: 1)")
+    run_and_report(ap, run, print_report, plot)
+
+
+def add_site_arguments(ap: argparse.ArgumentParser) -> None:
+    """The emulated device / edge / cloud sites (this benchmark's and adaptive.py's)."""
     ap.add_argument("--device-slowdown", type=float, default=10.0)
     ap.add_argument("--edge-slowdown", type=float, default=3.0)
     ap.add_argument("--device-edge-rtt-ms", type=float, default=5.0)
     ap.add_argument("--edge-cloud-rtt-ms", type=float, default=5.0)
     ap.add_argument("--edge-cloud-mbps", type=float, default=1000.0)
-    ap.add_argument("--remotes", default="cloud,edge", help="sites that take the rest after a single cut")
-    ap.add_argument("--cut-stride", type=int, default=1, help="every Nth cut point only (quick runs); 1: every cut")
-    ap.add_argument("--reps", type=int, default=3, help="runs per alternative near the best (others: 1)")
+
+
+def run_and_report(ap: argparse.ArgumentParser, run, print_report, plot) -> None:
+    """Parse (adding --plot and --json), run, then the plot and the JSON or the table."""
     ap.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import aio_pika
 import numpy as np
 
 from splitinfer.actors.actor import Actor
+from splitinfer.actors.transport.log import read_log_events
 from splitinfer.actors.transport.topology import Names
 from splitinfer.config import Settings
 from splitinfer.messages import ErrorResult, decode
@@ -87,18 +87,7 @@ def dag_reference(dag_split: Path, n: int, seed: int) -> tuple[np.ndarray, np.nd
 
 # ---------------------------------------------------------------------------------------------- processes
 
-def log_events(path: Path) -> list[dict]:
-    """The structured (JSON) lines of an actor's log; an absent log has none yet."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
+log_events = read_log_events  # the structured lines of an actor's log (the reader beside the writer)
 
 
 class Cluster:

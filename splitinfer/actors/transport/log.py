@@ -6,7 +6,22 @@ import io
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
+
+
+def read_log_events(path: Path) -> list[dict]:
+    """The structured (JSON) lines of an actor's log; an absent log has none yet."""
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
 
 
 class Logger:

@@ -12,7 +12,10 @@ for every (segment, server), the Pareto set of labels over (latency, energy, fid
 memory-limited server); a label is dropped only when another one is no worse in every one of these. This is
 exact: minimum latency, minimum energy under a latency budget, and the whole Pareto front over (latency, energy,
 fidelity) come from the final labels. Dimensions a request does not need (energy for a latency objective,
-fidelity without compression options) are held constant so the label sets stay small.
+fidelity without compression options) are held constant so the label sets stay small; when only latency and
+energy remain, the DP runs on numpy arrays, and servers another server at the same site stands in for are left
+out (costmodel.dominated_servers), so thousands of operations over a hundred servers plan in a fraction of a
+second.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from splitinfer.planner.costmodel import CostModel
+import numpy as np
+
+from splitinfer.planner.costmodel import CostModel, dominated_servers
 from splitinfer.planner.model import CODEC_FACTOR, Cluster, CostGraph, PlanError
 from splitinfer.planner.plan import Plan, dominates, make_plan
 
@@ -97,17 +102,47 @@ def chain_labels(
     max_latency: float | None = None,
     min_fidelity: float | None = None,
     exclude: Sequence[str] = (),
-    cm: CostModel | None = None,
+    prune_dominated: bool = True,
 ):
-    """Run the DP; returns (segments, final labels) where each final label includes the hop back to the client."""
-    cm = cm or CostModel(graph, cluster, exclude)
+    """Run the DP; returns (segments, cost model, final labels) where each final label includes the hop back to
+    the client. The DP runs on the servers `dominated_servers` leaves (exact; `prune_dominated=False` runs it on
+    every server, for checking that). It first runs without tracking memory (each segment alone must still fit
+    its server), then again tracking the weights placed on the servers whose memory a final label's plan
+    overfills, until every final plan fits: each run solves a relaxation of the real problem, so a front that
+    fits is the exact front, and only the servers whose memory binds add a dimension to the labels."""
+    skip = [*exclude, *dominated_servers(graph, cluster, exclude)] if prune_dominated else list(exclude)
+    cm = CostModel(graph, cluster, skip)
+    args = (graph, cm, energy, compression, max_latency, min_fidelity)
+    tracked: set[int] = set()
+    while True:
+        segs, final = _labels(*args, tracked=tracked)
+        over = {s for lab in final for s in _overfilled(graph, cm, segs, lab)}
+        if not over:
+            return segs, cm, final
+        tracked |= over
+
+
+def _overfilled(graph: CostGraph, cm: CostModel, segs, final: _Label) -> list[int]:
+    """The servers whose memory the final label's plan overfills."""
+    placed: dict[int, int] = {}
+    lab, k = final.parent, len(segs) - 1
+    while lab is not None:
+        placed[lab.server] = placed.get(lab.server, 0) + sum(graph.nodes[n].param_bytes for n in segs[k][0])
+        lab, k = lab.parent, k - 1
+    return [s for s, v in placed.items() if cm.servers[s].memory is not None and v > cm.servers[s].memory]
+
+
+def _labels(graph: CostGraph, cm: CostModel, energy: bool, compression: Compression | None,
+            max_latency: float | None, min_fidelity: float | None, *, tracked: set[int]):
+    """The DP itself, tracking the memory of the `tracked` servers: (segments, final labels)."""
     segs = graph.segments()
     m, S = len(segs), len(cm.servers)
     seg_cost = [sum(graph.nodes[n].cost for n in nodes) for nodes, _ in segs]
     seg_params = [sum(graph.nodes[n].param_bytes for n in nodes) for nodes, _ in segs]
     total_params = sum(seg_params)
     # only a server that cannot take every weight of the model needs its memory tracked
-    limited = [s for s in range(S) if cm.servers[s].memory is not None and cm.servers[s].memory < total_params]
+    limited = [s for s in range(S) if cm.servers[s].memory is not None and cm.servers[s].memory < total_params
+               and s in tracked]
     slot = {s: i for i, s in enumerate(limited)}
     cap = [cm.servers[s].memory for s in limited]
     biggest = max((math.inf if s.memory is None else s.memory) for s in cm.servers)
@@ -118,18 +153,27 @@ def chain_labels(
                 f"no server can hold the operations {where} ({segs[k][0][0]}..{segs[k][0][-1]}): "
                 f"{_mb(p)} of weights, largest memory {_mb(biggest)}"
             )
+    if sum(math.inf if srv.memory is None else srv.memory for srv in cm.servers) < total_params:
+        return segs, []  # all the servers together cannot hold the weights
+
+    def fits(params: int, s: int) -> bool:
+        return cm.servers[s].memory is None or params <= cm.servers[s].memory
+
     power = cm.power if energy else None
     wc = (power.compute_w - power.idle_w) if power else 0.0
     wr = (power.radio_w - power.idle_w) if power else 0.0
     wi = power.idle_w if power else 0.0
     # a segment holding device-only operations runs at the client's site only (math.inf elsewhere: never chosen)
-    comp = [[cm.compute(seg_cost[k], s) if cm.may_run(segs[k][0], s) else math.inf for s in range(S)]
-            for k in range(m)]
+    # and a segment too big for a server's memory never runs there
+    comp = [[cm.compute(seg_cost[k], s) if cm.may_run(segs[k][0], s) and fits(seg_params[k], s) else math.inf
+             for s in range(S)] for k in range(m)]
     in_sizes = [graph.tensors[t].nbytes for t in graph.inputs]
     out_sizes = [graph.tensors[t].nbytes for t in graph.outputs if graph.tensors[t].producer is not None]
     budget = math.inf if max_latency is None else max_latency
     min_fid = 0.0 if min_fidelity is None else min_fidelity
-    single = not limited and power is None and not compression  # labels reduce to one number: plain DP
+    choices = any(compression.get(t) and graph.tensors[t].compressible for _, t in segs[:-1]) if compression else False
+    if not limited and not choices:  # labels are (latency, energy): the DP on arrays
+        return segs, _array_labels(graph, cm, segs, comp, in_sizes, out_sizes, budget, power)
 
     # suffix[k]: weights of segments k.. still to place. A label remembers, per memory-limited server, the weights
     # placed there, raised to at least cap - suffix[k + 1]: while at least that much room is left every future
@@ -144,15 +188,17 @@ def chain_labels(
             return labels
         if limited:
             floor = suffix[k + 1]
+            if untracked_room < floor:  # the weights still to place must fit the room left somewhere
+                labels = [lab for lab in labels if untracked_room + sum(c - v for v, c in zip(lab.memory, cap)) >= floor]
             for lab in labels:
                 lab.memory = tuple(max(v, c - floor) for v, c in zip(lab.memory, cap))
-        if single:
-            return [min(labels, key=lambda l: l.latency)]
         return _pareto(labels)
 
     def step(dl: float, dc: float, dr: float) -> float:
         return wc * dc + wr * dr + wi * dl
 
+    untracked_room = sum(math.inf if srv.memory is None else srv.memory
+                         for i, srv in enumerate(cm.servers) if i not in slot)
     zero_mem = tuple(0 for _ in limited)
     layer: list[list[_Label]] = [[] for _ in range(S)]
     for s in range(S):
@@ -236,7 +282,96 @@ def chain_labels(
                 final.append(
                     _Label(lab.latency + hop, lab.energy + step(hop, 0.0, dr), lab.fidelity, lab.memory, lab, s, None)
                 )
-    return segs, cm, _pareto(final)
+    return segs, _pareto(final)
+
+
+def _array_labels(graph: CostGraph, cm: CostModel, segs, comp, in_sizes, out_sizes, budget: float,
+                  power) -> list[_Label]:
+    """The DP when a label is (latency, device energy), no memory tracked and no compression to choose, on numpy
+    arrays: a layer is every label's latency, energy, server and parent; a step prices every label's move to
+    every server at once and keeps, per server, the staircase over (latency, energy) (without energy: the fastest
+    label), as _pareto would. Same labels as the label DP, ties included; the final ones become _Labels."""
+    S, cl = len(cm.servers), cm.client
+    wc = (power.compute_w - power.idle_w) if power else 0.0
+    wr = (power.radio_w - power.idle_w) if power else 0.0
+    wi = power.idle_w if power else 0.0
+    comp_a = np.array(comp, dtype=float)
+    rtt, bw = np.array(cm.rtt, dtype=float), np.array(cm.bw, dtype=float)
+    unreachable = ~np.array(cm.reach, dtype=bool)
+    servers = np.arange(S)
+
+    def within(lat):
+        return np.isfinite(lat) & (lat <= budget)
+
+    def staircases(lat, en, group, parent):
+        """Per group (the server a label arrives at), the labels no other in it beats on both latency and energy,
+        in (group, latency, energy) order; ties: the first. One sort for all groups: energies become their ranks,
+        shifted down by group so that a running minimum starts afresh at each group (integers: exact)."""
+        order = np.lexsort((en, lat, group))
+        rank = np.unique(en, return_inverse=True)[1].reshape(-1)
+        key = rank[order] - group[order].astype(np.int64) * (len(en) + 1)
+        keep = np.ones(len(order), dtype=bool)
+        keep[1:] = key[1:] < np.minimum.accumulate(key)[:-1]
+        sel = order[keep]
+        return lat[sel], en[sel], group[sel], parent[sel]
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hop0 = np.array([cm.hop(cl, s, in_sizes) for s in range(S)], dtype=float)
+        radio0 = np.array([cm.radio(cl, s, sum(in_sizes)) for s in range(S)], dtype=float)
+        lat = hop0 + comp_a[0]
+        en = wc * np.where(servers == cl, comp_a[0], 0.0) + wr * radio0 + wi * lat
+        ok = np.flatnonzero(within(lat))
+        layers = [(lat[ok], en[ok], servers[ok], np.full(len(ok), -1))]
+        for k in range(1, len(segs)):
+            lat, en, srv, _ = layers[-1]
+            nb = float(graph.tensors[segs[k - 1][1]].nbytes)
+            hop = rtt + nb / bw + cm.broker.per_message + cm.broker.per_byte * nb
+            hop[unreachable] = np.inf
+            np.fill_diagonal(hop, 0.0)
+            radio = np.zeros((S, S))
+            radio[cl, :], radio[:, cl] = nb / bw[cl, :], nb / bw[:, cl]
+            radio[cl, cl] = 0.0
+            run = comp_a[k]
+            erun = wi * run + wc * np.where(servers == cl, run, 0.0)
+            if not len(lat):
+                layers.append(layers[-1])  # nothing reached this far within the budget: nothing goes on
+                continue
+            L = lat[:, None] + hop[srv, :] + run[None, :]
+            if power is None:
+                best = L.argmin(axis=0)
+                new = L[best, servers]
+                ok = np.flatnonzero(within(new))
+                layers.append((new[ok], np.zeros(len(ok)), servers[ok], best[ok]))
+                continue
+            E = en[:, None] + wr * radio[srv, :] + wi * hop[srv, :] + erun[None, :]
+            E[~within(L)] = np.inf
+            # a label slower than the least-energy label at its server, and using no less energy, is beaten by it
+            least = E.argmin(axis=0)
+            rows, cols = np.nonzero(np.isfinite(E) & (L <= L[least, servers][None, :]))
+            layers.append(staircases(L[rows, cols], E[rows, cols], cols, rows))
+        lat, en, srv, _ = layers[-1]
+        back = np.array([cm.hop(s, cl, out_sizes) for s in range(S)], dtype=float)
+        radio_back = np.array([cm.radio(s, cl, sum(out_sizes)) for s in range(S)], dtype=float)
+        total = lat + back[srv]
+        energy = en + wr * radio_back[srv] + wi * back[srv]
+    ok = np.flatnonzero(within(total))
+    ends = staircases(total[ok], energy[ok], np.zeros(len(ok), dtype=np.int64), ok)[3]
+    made: dict[tuple[int, int], _Label] = {}
+
+    def label(k: int, i: int) -> _Label:
+        path = []  # back to the first segment, or to a label already made
+        while k >= 0 and (k, i) not in made:
+            path.append((k, i))
+            i = int(layers[k][3][i])
+            k -= 1
+        for k, i in reversed(path):
+            lat, en, srv, parent = layers[k]
+            made[k, i] = _Label(float(lat[i]), float(en[i]), 1.0, (), made[k - 1, int(parent[i])] if k else None,
+                                int(srv[i]), None)
+        return made[path[0]] if path else made[k, i]
+
+    last = len(layers) - 1
+    return [_Label(float(total[i]), float(energy[i]), 1.0, (), label(last, int(i)), int(srv[i]), None) for i in ends]
 
 
 def _to_plan(graph, cluster, segs, cm: CostModel, final: _Label, compression: Compression | None, source: str) -> Plan:
@@ -266,7 +401,7 @@ def _why_empty(graph, cluster, compression, max_latency, min_fidelity, exclude) 
     if not free:
         return PlanError(
             "no placement fits: the servers' memory limits or missing links rule out every plan "
-            f"(total weights {_mb(sum(n.param_bytes for n in graph.nodes.values()))})"
+            f"(total weights {_mb(graph.total_params)})"
         )
     if min_fidelity is not None:
         best_f = max(l.fidelity for l in free)

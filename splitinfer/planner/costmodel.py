@@ -49,6 +49,7 @@ class CostModel:
         self.rate = [s.speed * scale * (1.0 - s.load) for s in self.servers]  # cost units per second
         self.broker = cluster.broker
         n = len(self.servers)
+        links = {frozenset((x.a, x.b)): (x.rtt, x.bandwidth) for x in reversed(cluster.links)}  # first one wins
         self.rtt = [[0.0] * n for _ in range(n)]
         self.bw = [[math.inf] * n for _ in range(n)]
         self.reach = [[True] * n for _ in range(n)]
@@ -58,7 +59,7 @@ class CostModel:
                 self.site_pair[i][j] = (a.site, b.site)
                 if i == j:
                     continue
-                link = cluster.link(a.site, b.site)
+                link = links.get(frozenset((a.site, b.site)), (0.0, math.inf) if a.site == b.site else None)
                 if link is None:
                     self.reach[i][j] = False
                     self.rtt[i][j], self.bw[i][j] = math.inf, 0.0
@@ -105,6 +106,40 @@ class CostModel:
             return 0.0
         idle = max(0.0, latency - device_compute - device_radio)
         return p.compute_w * device_compute + p.radio_w * device_radio + p.idle_w * idle
+
+
+def dominated_servers(graph: CostGraph, cluster: Cluster, exclude: Sequence[str] = ()) -> list[str]:
+    """Servers no best chain plan needs, because another server at the same site is at least as good for any part:
+    it is not the client, its memory holds every weight of the model, it has every runtime the other has, and its
+    effective speed is no lower (on a tie, the one listed first stays). Putting that server in the place of a
+    dominated one keeps every hop's cost (same site, same links) or removes the hop (it was its neighbour), runs
+    each part no slower and holds whatever the other held, so the chain DP stays exact on the servers left: a
+    cluster of many servers at few sites plans as fast as one server per site. Not for the DAG program, whose
+    plans may run parallel branches on two servers of one site at once."""
+    out = set(exclude)
+    total = graph.total_params
+    live = [(i, s) for i, s in enumerate(cluster.servers) if s.name not in out]
+
+    def rate(s):
+        return s.speed * (1.0 - s.load)
+
+    def has_runtimes(a, b) -> bool:
+        return a.runtimes is None or (b.runtimes is not None and set(b.runtimes) <= set(a.runtimes))
+
+    holders = [(i, s) for i, s in live if s.name != cluster.client and (s.memory is None or s.memory >= total)]
+    dominated = []
+    for j, b in live:
+        if b.name == cluster.client:
+            continue
+        b_holds = b.memory is None or b.memory >= total
+        for i, a in holders:
+            if i == j or a.site != b.site or not has_runtimes(a, b):
+                continue
+            ra, rb = rate(a), rate(b)
+            if ra > rb or (ra == rb and (not b_holds or (i < j and has_runtimes(b, a)))):
+                dominated.append(b.name)
+                break
+    return dominated
 
 
 @dataclass

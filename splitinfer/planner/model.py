@@ -185,6 +185,11 @@ class CostGraph(DagQueries):
     def total_cost(self) -> float:
         return sum(n.cost for n in self.nodes.values())
 
+    @property
+    def total_params(self) -> int:
+        """Bytes of weights of every operation."""
+        return sum(n.param_bytes for n in self.nodes.values())
+
     def to_json(self) -> dict:
         """Everything the planner needs, as plain JSON: a deployed plan table carries it so that the optimizer can
         re-predict its plans from live state without the model (or TensorFlow)."""

@@ -24,7 +24,7 @@ from splitinfer.config import ClusterConfig
 from splitinfer.messages import LinkSpec, LinkState, PowerSpec, split_pair
 from splitinfer.planner.chain import Compression
 from splitinfer.planner.costmodel import CostModel, evaluate
-from splitinfer.planner.milp import plan_dag
+from splitinfer.planner.milp import MILP_MAX_SERVERS, plan_dag
 from splitinfer.planner.model import (
     BrokerOverhead,
     Cluster,
@@ -196,7 +196,9 @@ def plan_deployment(graph: CostGraph, cluster: Cluster, objective: str = "latenc
     candidates = list(table.plans)
     if objective == "throughput":  # the table keeps the Pareto set over latency/energy/fidelity: bring it back
         try:
-            candidates.append(plan_dag(graph, cluster, "throughput", max_nodes=8, time_limit=time_limit))
+            candidates.append(plan_dag(graph, cluster, "throughput", max_nodes=8, time_limit=time_limit,
+                                        max_servers=MILP_MAX_SERVERS,
+                                        prefer=sorted({s for p in candidates for s in p.servers})))
         except PlanError:
             pass
     candidates = unique_plans(candidates)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from splitinfer.planner.chain import Compression, chain_pareto
-from splitinfer.planner.milp import plan_dag
+from splitinfer.planner.milp import MILP_MAX_SERVERS, plan_dag
 from splitinfer.planner.model import Cluster, CostGraph, PlanError
 from splitinfer.planner.plan import Plan, dominates, unique_plans
 
@@ -79,11 +79,13 @@ def build_plan_table(
     every plan that is Pareto-optimal when one server (not the client) is down, marked in `fallback_for`."""
     cluster.check()
     candidates: list[Plan] = list(chain_pareto(graph, cluster, compression=compression))
+    chain_servers = sorted({s for p in candidates for s in p.servers})
     if dag:
         objectives = ["latency", "throughput"] + (["energy"] if cluster.server(cluster.client).power else [])
         for obj in objectives:
             try:
-                candidates.append(plan_dag(graph, cluster, obj, max_nodes=milp_max_nodes, time_limit=time_limit))
+                candidates.append(plan_dag(graph, cluster, obj, max_nodes=milp_max_nodes, time_limit=time_limit,
+                                           max_servers=MILP_MAX_SERVERS, prefer=chain_servers))
             except PlanError:
                 pass
     # A server no Pareto-optimal plan uses leaves the Pareto set unchanged when it goes down, so only the servers

@@ -75,6 +75,12 @@ def test_chain_dp_matches_exhaustive(seed):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert all(close(x, y) for x, y in zip(a, b)), (a, b)
+    # without compression to choose (the DP on arrays): the front over (latency, energy)
+    plain_front = sorted((p.latency, p.energy) for p in chain_pareto(g, cluster))
+    want_plain = sorted((x[0], x[1]) for x in pareto_points(plain))
+    assert len(plain_front) == len(want_plain)
+    for a, b in zip(plain_front, want_plain):
+        assert all(close(x, y) for x, y in zip(a, b)), (a, b)
     # the DP's numbers are the cost model's numbers for the plan it returns
     again = evaluate(g, cluster, [(p.server, p.nodes) for p in best.parts])
     assert close(again.latency, best.latency) and again.fits_memory
@@ -470,3 +476,67 @@ def test_a_privacy_floor_is_never_violated_and_the_dp_stays_exact_under_it(seed)
     for objective in ("latency", "throughput"):
         assert honours(plan_dag(floored_dag, cluster, objective, time_limit=10), floored_dag)
     assert all(honours(p, floored_dag) for p in build_plan_table(floored_dag, cluster, time_limit=10).plans)
+
+
+# ------------------------------------------------------------------------------------------ planning many servers
+
+
+def crowded_cluster(rng: random.Random, per_site: int) -> Cluster:
+    """random_cluster with many servers per site: some with memory that binds, some tied in speed, some missing a
+    runtime, so the pruning of dominated servers meets every case it must keep apart."""
+    base = random_cluster(rng, 3)
+    servers = list(base.servers)
+    for site in ("edge", "cloud"):
+        speeds = [rng.uniform(5, 100) for _ in range(per_site)]
+        speeds[-1] = speeds[0]  # a tie
+        for i, speed in enumerate(speeds):
+            servers.append(Server(name=f"{site}{i}", site=site, speed=speed, load=rng.choice([0.0, rng.uniform(0, 0.6)]),
+                                  memory=rng.choice([None, None, rng.randint(3_000_000, 20_000_000)]),
+                                  runtimes=rng.choice([None, None, ("keras",)])))
+    return Cluster(servers=servers, links=base.links, client=base.client, broker=base.broker)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pruning_dominated_servers_keeps_the_chain_dp_exact(seed):
+    """The DP on the servers that dominated_servers leaves finds the same Pareto front over (latency, energy,
+    fidelity), with and without a server down, as the DP on every server; and plans only on servers that stay."""
+    from splitinfer.planner.chain import chain_labels
+    from splitinfer.planner.costmodel import dominated_servers
+
+    rng = random.Random(2000 + seed)
+    g = random_chain(rng, rng.randint(4, 9))
+    cluster = crowded_cluster(rng, rng.randint(3, 6))
+    fidelity = {t: {"float16": rng.uniform(0.97, 1.0)} for t in rng.sample(g.cut_points, min(2, len(g.cut_points)))}
+    dominated = dominated_servers(g, cluster)
+    assert dominated and cluster.client not in dominated
+    for exclude in ([], [rng.choice([s.name for s in cluster.servers if s.name != cluster.client])]):
+        points = []
+        for prune in (True, False):
+            try:
+                _, _, final = chain_labels(g, cluster, compression=fidelity, exclude=exclude, prune_dominated=prune)
+            except PlanError as e:
+                points.append(str(e))
+                continue
+            points.append(sorted(pareto_points([(l.latency, l.energy, l.fidelity) for l in final])))
+        assert len(points[0]) == len(points[1])
+        for a, b in zip(*points):
+            assert a == b if isinstance(a, str) else all(close(x, y) for x, y in zip(a, b)), (a, b)
+    gone = set(dominated)
+    for plan in chain_pareto(g, cluster, compression=fidelity):
+        assert not plan.servers & gone
+
+
+def test_the_integer_program_on_a_crowded_cluster_keeps_the_client_and_the_best_of_each_site():
+    from splitinfer.planner.milp import site_candidates
+
+    rng = random.Random(7)
+    g = random_dag(rng, 8)
+    cluster = crowded_cluster(rng, 6)
+    kept, left = site_candidates(g, cluster, max_servers=4)
+    assert cluster.client in kept and len(kept) == 1 + 4 and set(kept).isdisjoint(left)
+    assert set(kept) | set(left) == {s.name for s in cluster.servers}
+    fastest_holder = max((s for s in cluster.servers if s.site == "cloud" and s.memory is None and s.runtimes is None),
+                         key=lambda s: s.speed * (1 - s.load))
+    assert fastest_holder.name in kept
+    plan = plan_dag(g, cluster, "latency", time_limit=10, max_servers=4)
+    assert plan.servers <= set(kept)

@@ -454,6 +454,8 @@ class Optimizer(Actor):
             before = table.primary
             if keep_primary_current(table, [p for p in table.plans if p.servers <= known]):
                 self.log("primary_changed", deployment=name, before=before, after=table.primary)
+                await self._store_table(name)
+                changed = True
             if self.settings.adaptive_replanning:
                 changed = await self.adapt(name, cluster) or changed
             if changed:
@@ -495,7 +497,7 @@ class Optimizer(Actor):
             table.plans.append(plan)
             table.primary = plan.id
             table.servers = sorted(set(table.servers) | plan.servers)
-            await self.pool.store_plan_table(doc.model_copy(update={"table": table.to_json(), "at": time.time()}))
+            await self._store_table(name)
         except Exception as exc:
             if table.plans and table.plans[-1] is plan:
                 table.plans.pop()
@@ -511,13 +513,18 @@ class Optimizer(Actor):
     async def _retire(self, name: str, plan_ids: list[str]) -> None:
         """Out of the table now (front ends stop choosing them); off the servers once jobs already sent on them
         have had their deadline."""
-        table, _, doc = self.models[name]
+        table = self.models[name][0]
         gone = [p for p in table.plans if p.id in plan_ids]
         table.plans = [p for p in table.plans if p.id not in plan_ids]
-        await self.pool.store_plan_table(doc.model_copy(update={"table": table.to_json(), "at": time.time()}))
+        await self._store_table(name)
         self.log("retired", deployment=name, plans=[f"{p.id}: {p.describe()} {p.latency * 1e3:.1f} ms" for p in gone],
                  table=[p.id for p in table.plans])
         self.spawn(self._unload_later([plan_deployment_name(name, p.id) for p in gone]), name="retire")
+
+    async def _store_table(self, name: str) -> None:
+        """The table as it is now, in the pool: an optimizer restarted later starts from it (its plans, primary)."""
+        table, _, doc = self.models[name]
+        await self.pool.store_plan_table(doc.model_copy(update={"table": table.to_json(), "at": time.time()}))
 
     async def _unload_later(self, deployments: list[str]) -> None:
         await asyncio.sleep(self.settings.job_deadline_s)

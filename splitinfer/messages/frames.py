@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -219,6 +220,22 @@ def decode_frame(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_
     if offset < n:
         raise MessageError(f"frame carries {n - offset} bytes more than its arrays", "bad_array", rid)
     return Frame(kind, meta, arrays, codecs)
+
+
+_FINISHED = HOP_FIELDS.index("finished_at")
+
+
+def unique_hops(hop_lists: Iterable[Iterable[list]]) -> list[list]:
+    """One job's hops gathered from several frames (the branches of a DAG carry the hops they share), each once
+    (by part, server and finish time), in the order they finished."""
+    def finished(h) -> float:
+        return h[_FINISHED] if len(h) > _FINISHED else 0.0
+
+    seen: dict[tuple, list] = {}
+    for hops in hop_lists:
+        for h in hops:
+            seen.setdefault((h[0], h[1], finished(h)), h)
+    return sorted(seen.values(), key=finished)
 
 
 def hop_models(hops: list[list]) -> list[Hop]:

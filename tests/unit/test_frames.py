@@ -123,3 +123,14 @@ def test_fuzzed_frames_never_raise_anything_but_message_error():
             decode_frame(bytes(body[:cut]))
         except MessageError:
             pass
+
+
+def test_a_jobs_hops_from_several_branches_count_once_each_in_the_order_they_finished():
+    from splitinfer.messages.frames import unique_hops
+
+    first = ["p0", "s1", 0.001, 0.0, 0.0, 0.002, 1, 10.0, "broker"]
+    left = ["p1", "s2", 0.001, 0.0, 0.0, 0.003, 1, 10.5, "broker"]
+    right = ["p2", "s3", 0.001, 0.0, 0.0, 0.001, 1, 10.2, "broker"]
+    again = ["p0", "s1", 0.001, 0.0, 0.0, 0.002, 1, 11.0, "broker"]  # a later attempt ran p0 again
+    assert unique_hops([[first, left], [first, right], [again]]) == [first, right, left, again]
+    assert unique_hops([]) == []

@@ -62,7 +62,7 @@ from splitinfer.messages import (
     decompress_array,
     plan_deployment_name,
 )
-from splitinfer.messages.frames import RESULT, TENSORS, decode_frame, encode_frame, is_frame
+from splitinfer.messages.frames import RESULT, TENSORS, decode_frame, encode_frame, is_frame, unique_hops
 from splitinfer.monitor.hops import HopWindow
 from splitinfer.monitor.links import LinkEmulator
 from splitinfer.planner import PlanTable
@@ -424,8 +424,7 @@ class FrontEnd(Actor):
         key = self.names.result_key(job.reply_to or job.job_id)
         try:
             if answer.kind == "result":
-                hops = sorted({tuple(h[:2]) + (h[7],): h for hs in job.timings.values() for h in hs}.values(),
-                              key=lambda h: h[7])
+                hops = unique_hops(job.timings.values())
                 meta = {"rid": job.request_id, "job": job.job_id, "dep": job.route or job.deployment,
                         "srv": self.id, "site": self.site, "sent": time.time(), "hops": [list(h) for h in hops]}
                 if job.plan is not None:
@@ -460,7 +459,7 @@ class FrontEnd(Actor):
         now = asyncio.get_running_loop().time()
         if answer.kind != "error":
             if hops is None:
-                hops = list({tuple(h[:2]): h for hs in job.timings.values() for h in hs}.values())
+                hops = unique_hops(job.timings.values())
             self.hop_window.add(job.route or job.deployment, hops, answer.latency_s)
         if answer.kind == "error":
             self.stats["errors"] += 1

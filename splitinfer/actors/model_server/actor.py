@@ -65,7 +65,7 @@ from splitinfer.messages import (
     compress_array,
     decompress_array,
 )
-from splitinfer.messages.frames import CARRIED, RESULT, TENSORS, Frame, decode_frame, encode_frame
+from splitinfer.messages.frames import CARRIED, RESULT, TENSORS, Frame, decode_frame, encode_frame, unique_hops
 from splitinfer.monitor.links import LinkEmulator
 from splitinfer.monitor.runtime import speed_gflops
 from splitinfer.splitter.manifest import Manifest
@@ -392,12 +392,7 @@ class ModelServer(Actor):
     def _joined(hp: HostedPart, pend: Pending, now: float) -> WorkItem:
         """A complete join as one work item: every input, the hops behind each (once), the earliest deadline."""
         arrivals = list(pend.arrivals.values())
-        hops, seen = [], set()
-        for a in arrivals:
-            for h in a.meta.get("hops") or []:
-                if (h[0], h[1]) not in seen:
-                    seen.add((h[0], h[1]))
-                    hops.append(h)
+        hops = unique_hops(a.meta.get("hops") or [] for a in arrivals)
         deadlines = [a.deadline for a in arrivals if a.deadline is not None]
         first, last = min(a.received for a in arrivals), max(a.received for a in arrivals)
         return WorkItem(hp, pend.request_id, {n: a.arrays[n] for n, a in pend.arrivals.items()}, arrivals[0].meta,

@@ -59,8 +59,8 @@ from splitinfer.actors.transport import (
 from splitinfer.actors.transport import dead_letters as dlq
 from splitinfer.actors.transport.connection import connect_failover
 from splitinfer.actors.transport.dead_letters import DeadLetter
-from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S, OUTAGE
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, holds_lock, key_problem
+from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S, LOST_INPUT_ERRORS, OUTAGE
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, holds_lock, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     ActorInfo,
@@ -175,6 +175,8 @@ class Client:
         q = await channel.declare_queue(f"{self.names.ns}.client.{self.names.result_key(self.id)}", exclusive=True,
                                         auto_delete=True)
         await q.bind(exchanges["results"], routing_key=self.names.result_key(self.id))
+        # the front end's word that a job's inputs were lost on the way (it goes again at once)
+        await q.bind(exchanges["results"], routing_key=self.names.result_key(f"{INTERNAL_REPLY_PREFIX}{self.id}"))
         await q.consume(self._on_answer, no_ack=True)
         # what choosing a plan needs: who is down, the device's battery, plan tables
         watch = await channel.declare_queue(f"{self.names.ns}.client.{self.names.result_key(self.id)}.watch",
@@ -214,6 +216,8 @@ class Client:
         job_id = answer.job_id or ""
         if isinstance(answer, ErrorResult):  # a part's error names the request (one attempt), not the job
             mine = self.jobs.on_error(job_id, answer.code, answer.message)
+            if mine is None and answer.code in LOST_INPUT_ERRORS:
+                return  # its inputs were lost on the way: the job goes again now, or its deadline answers it
             job_id = mine.job.job_id if mine is not None else job_id
             if job_id != answer.job_id:
                 answer = answer.model_copy(update={"job_id": job_id})
@@ -781,6 +785,8 @@ async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
         async with q.iterator() as it:
             async for message in it:
                 async with message.process():
+                    if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
+                        continue  # a notice between actors about one attempt, not an answer
                     try:
                         msg = result_message(decode_frame(message.body, settings.max_message_bytes)) \
                             if is_frame(message.body) else \

@@ -136,6 +136,12 @@ def test_lost_inputs_send_the_job_again_at_once_and_answer_only_when_retries_or_
     # a job its sender re-sends: swallowed (the sender tries again), and the deadline says what went wrong
     t.admit(job("c1", deadline_s=3.0), now=0.0, retries=False)
     assert t.on_error("c1", "join_timeout", "inputs did not arrive", now=1.0) is None
+    # ... told at once: its latest attempt is the one to tell its sender about, an earlier one is not, nor a job
+    # the tracker sends itself
+    assert t.sender_resends("c1").job_id == "c1"
+    assert t.another_attempt("c1", "c1.b") and t.sender_resends("c1") is None and t.sender_resends("c1.b")
+    t.admit(job("own"), now=0.0)
+    assert t.sender_resends("own") is None and t.sender_resends("nobody") is None
     _, answers = t.tick(now=3.0)
     assert [a.code for a in answers] == ["deadline_exceeded"] and "join_timeout" in answers[0].message
 

@@ -40,7 +40,7 @@ from splitinfer.actors.model_pool.client import PoolClient, PoolError
 from splitinfer.actors.monitors import NetworkMonitor, follow_links
 from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.transport import Stopped, Unroutable, first_line, header_str
-from splitinfer.actors.transport.retry import ANSWER, MAX_JOB_DELIVERIES, OUTAGE
+from splitinfer.actors.transport.retry import ANSWER, LOST_INPUT_ERRORS, MAX_JOB_DELIVERIES, OUTAGE
 from splitinfer.actors.transport.topology import (
     INTERNAL_REPLY_PREFIX,
     UNKEPT,
@@ -60,6 +60,7 @@ from splitinfer.messages import (
     Register,
     decode,
     decompress_array,
+    encode,
     plan_deployment_name,
 )
 from splitinfer.messages.frames import RESULT, TENSORS, decode_frame, encode_frame, is_frame, unique_hops
@@ -392,8 +393,14 @@ class FrontEnd(Actor):
             answer = self.tracker.on_error(err.job_id, err.code, f"{err.message} (at {err.where})")
             if answer is not None:
                 await self._answer(answer)
-            else:
-                self._wake.set()  # a job whose tensors were lost goes again now (the timer loop sends it)
+                return
+            self._wake.set()  # a job whose tensors were lost goes again now (the timer loop sends it)
+            sender = self.tracker.sender_resends(err.job_id) if err.code in LOST_INPUT_ERRORS else None
+            if sender is not None:  # a Client's job: the Client holds the inputs; it sends them again when told
+                with contextlib.suppress(Exception):  # untold, it sends them again after a share of the deadline
+                    await self.publisher.publish(
+                        "results", self.names.result_key(f"{INTERNAL_REPLY_PREFIX}{sender.reply_to}"), encode(err),
+                        mandatory=False)
 
     async def _on_final_output(self, message: AbstractIncomingMessage) -> None:
         """A final output of a deployment whose outputs leave from several parts: part of an answer to assemble."""

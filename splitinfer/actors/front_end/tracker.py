@@ -133,6 +133,14 @@ class JobTracker:
         job_id = self.by_request.get(request_id)
         return None if job_id is None else self.pending.get(job_id)
 
+    def sender_resends(self, request_id: str) -> PendingJob | None:
+        """The pending job whose latest request this is, when its sender holds the inputs and sends them again
+        itself (a Client's job): the one to tell when that attempt's inputs were lost."""
+        job = self._job_of(request_id)
+        if job is None or job.resend or request_id != self._latest_request(job):
+            return None
+        return job
+
     @staticmethod
     def _latest_request(job: PendingJob) -> str:
         return job.requests[-1] if job.requests else job.request_id

@@ -40,8 +40,9 @@ from splitinfer.actors.transport.log import first_line
 from splitinfer.actors.transport.nodes import broker_urls, connect_once, is_local_url
 
 HASH_EXCHANGE_TYPE = "x-consistent-hash"
-# reply_to of the tensors a front end sends: errors about them come back to it, not to the user; the result store
-# skips results published with this prefix
+# reply_to of the tensors a front end sends: errors about them come back to it, not to the user; the front end
+# also tells a Client on `<prefix><client id>` that a job's inputs were lost. Notices, not answers: the result
+# store and subscribe_results skip what is published with this prefix
 INTERNAL_REPLY_PREFIX = "~fe:"
 _ESCAPES = (("%", "%25"), (".", "%2E"), ("*", "%2A"), ("#", "%23"))
 

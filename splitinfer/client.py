@@ -59,7 +59,13 @@ from splitinfer.actors.transport import (
 from splitinfer.actors.transport import dead_letters as dlq
 from splitinfer.actors.transport.connection import connect_failover
 from splitinfer.actors.transport.dead_letters import DeadLetter
-from splitinfer.actors.transport.retry import CLIENT_DEADLINE_SLACK_S, DEADLINE_GRACE_S, LOST_INPUT_ERRORS, OUTAGE
+from splitinfer.actors.transport.retry import (
+    CLIENT_DEADLINE_SLACK_S,
+    DEADLINE_GRACE_S,
+    LOST_INPUT_ERRORS,
+    OUTAGE,
+    classify,
+)
 from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, holds_lock, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
@@ -365,7 +371,9 @@ class Client:
                 except ClientError:
                     raise
                 except Exception as exc:
-                    if self.session.connection.is_open and failures >= 2:
+                    # a nack or a lost channel while a broker node goes down is worth waiting out; anything else,
+                    # with the connection up, is not
+                    if self.session.connection.is_open and failures >= 2 and classify(exc) != "transient":
                         raise ClientError(f"could not send job {job.job_id}: {exc}") from None
                     error = exc
                 wait = OUTAGE.delay(failures)

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 
 from splitinfer.actors.supervisor.broker import BrokerError, _rabbit_bin
-from splitinfer.actors.transport.topology import Names
+from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, Names, escape_key
 
 ROLES = ("control", "server", "client")
 USER_PATTERN = r"[A-Za-z0-9_-]{1,48}"
@@ -58,7 +58,8 @@ def role_permissions(ns: str, role: str) -> Permissions:
             write=_any(e(ns) + r"\.(tensors|control|submit)", *mine, *own),
             read=_any(e(ns) + r"\.(results|control)", *mine, *own),
             topics={n.control: (_any(*(e(k) for k in CLIENT_CONTROL_KEYS)), r"^(heartbeat|deregister|plans)\..*"),
-                    n.results: ("^$", "^{username}-.*")})
+                    # its answers, and the front end's notices about its jobs (on the internal prefix)
+                    n.results: ("^$", "^(" + e(escape_key(INTERNAL_REPLY_PREFIX)) + ")?{username}-.*")})
     raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
 
 

@@ -66,7 +66,7 @@ from splitinfer.actors.transport.retry import (
     OUTAGE,
     classify,
 )
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, escape_key, holds_lock, key_problem
+from splitinfer.actors.transport.topology import holds_lock, internal_reply_to, is_internal_key, key_problem
 from splitinfer.config import Settings, get_settings
 from splitinfer.messages import (
     ActorInfo,
@@ -182,7 +182,7 @@ class Client:
                                         auto_delete=True)
         await q.bind(exchanges["results"], routing_key=self.names.result_key(self.id))
         # the front end's word that a job's inputs were lost on the way (it goes again at once)
-        await q.bind(exchanges["results"], routing_key=self.names.result_key(f"{INTERNAL_REPLY_PREFIX}{self.id}"))
+        await q.bind(exchanges["results"], routing_key=self.names.result_key(internal_reply_to(self.id)))
         await q.consume(self._on_answer, no_ack=True)
         # what choosing a plan needs: who is down, the device's battery, plan tables
         watch = await channel.declare_queue(f"{self.names.ns}.client.{self.names.result_key(self.id)}.watch",
@@ -440,7 +440,7 @@ class Client:
 
     def _error_to(self) -> str:
         """Errors about our requests go to the front end, which decides the job's one answer; without one, here."""
-        return f"{INTERNAL_REPLY_PREFIX}{self._front}" if self._front else self.id
+        return internal_reply_to(self._front) if self._front else self.id
 
     async def _find_front_end(self) -> None:
         """The front end's id and site (the client's site: where the inputs start), from the registry."""
@@ -793,7 +793,7 @@ async def subscribe_results(key: str = "#", settings: Settings | None = None, *,
         async with q.iterator() as it:
             async for message in it:
                 async with message.process():
-                    if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
+                    if is_internal_key(message.routing_key):
                         continue  # a notice between actors about one attempt, not an answer
                     try:
                         msg = result_message(decode_frame(message.body, settings.max_message_bytes)) \

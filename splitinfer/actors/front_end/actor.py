@@ -42,11 +42,12 @@ from splitinfer.actors.registry.client import RegistryClient
 from splitinfer.actors.transport import Stopped, Unroutable, first_line, header_str
 from splitinfer.actors.transport.retry import ANSWER, LOST_INPUT_ERRORS, MAX_JOB_DELIVERIES, OUTAGE
 from splitinfer.actors.transport.topology import (
-    INTERNAL_REPLY_PREFIX,
     UNKEPT,
     Names,
     declare_kept_queue,
     escape_key,
+    internal_reply_to,
+    is_internal_key,
     key_problem,
 )
 from splitinfer.messages import (
@@ -108,7 +109,7 @@ class FrontEnd(Actor):
     def internal_reply_to(self) -> str:
         """Where parts send errors about the requests of the jobs this front end tracks (not to the caller): the
         front end turns such an error into the job's one answer."""
-        return f"{INTERNAL_REPLY_PREFIX}{self.id}"
+        return internal_reply_to(self.id)
 
     async def setup(self) -> None:
         assert self.channel is not None
@@ -368,7 +369,7 @@ class FrontEnd(Actor):
     async def on_answer(self, message: AbstractIncomingMessage) -> None:
         """Every answer on `<ns>.results`: a tracked job is answered, its deliveries are acked."""
         await self.deliveries.ack(message)  # exclusive queue: the answer itself is kept by the result store
-        if (message.routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX)):
+        if is_internal_key(message.routing_key):
             return  # a part's error for us: the inbox takes it
         job_id, hops = _answer_of(message.body, self.settings.max_message_bytes)
         if job_id is None or (message.headers or {}).get(UNKEPT):
@@ -399,7 +400,7 @@ class FrontEnd(Actor):
             if sender is not None:  # a Client's job: the Client holds the inputs; it sends them again when told
                 with contextlib.suppress(Exception):  # untold, it sends them again after a share of the deadline
                     await self.publisher.publish(
-                        "results", self.names.result_key(f"{INTERNAL_REPLY_PREFIX}{sender.reply_to}"), encode(err),
+                        "results", self.names.result_key(internal_reply_to(sender.reply_to)), encode(err),
                         mandatory=False)
 
     async def _on_final_output(self, message: AbstractIncomingMessage) -> None:

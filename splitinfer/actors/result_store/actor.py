@@ -15,12 +15,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from splitinfer.actors.actor import Actor, run_actor
 from splitinfer.actors.result_store.store import ResultStore
-from splitinfer.actors.transport.topology import INTERNAL_REPLY_PREFIX, UNKEPT, declare_kept_queue, escape_key
+from splitinfer.actors.transport.topology import UNKEPT, declare_kept_queue, is_internal_key
 from splitinfer.messages import ErrorResult, MessageError, ResultMessage
 from splitinfer.messages.frames import decode_frame, is_frame, result_message
-
-INTERNAL_KEY_PREFIX = escape_key(INTERNAL_REPLY_PREFIX)
-
 
 def _summary(outputs: dict) -> dict:
     return {name: {"shape": list(arr.shape), "dtype": arr.dtype.str} for name, arr in outputs.items()}
@@ -47,7 +44,7 @@ class ResultStoreActor(Actor):
         self.log("storing", url=self.store.url, queue=self.queue_name)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        if (message.routing_key or "").startswith(INTERNAL_KEY_PREFIX) or (message.headers or {}).get(UNKEPT):
+        if is_internal_key(message.routing_key) or (message.headers or {}).get(UNKEPT):
             # a model server's error about a front end's request (the front end answers the job with it), or an
             # answer sent again (stored when it first went out)
             await self.deliveries.ack(message)

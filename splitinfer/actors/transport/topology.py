@@ -44,6 +44,8 @@ HASH_EXCHANGE_TYPE = "x-consistent-hash"
 # also tells a Client on `<prefix><client id>` that a job's inputs were lost. Notices, not answers: the result
 # store and subscribe_results skip what is published with this prefix
 INTERNAL_REPLY_PREFIX = "~fe:"
+
+
 _ESCAPES = (("%", "%25"), (".", "%2E"), ("*", "%2A"), ("#", "%23"))
 
 
@@ -52,6 +54,16 @@ def escape_key(segment: str) -> str:
     for raw, esc in _ESCAPES:
         segment = segment.replace(raw, esc)
     return segment
+
+
+def internal_reply_to(actor_id: str) -> str:
+    """The reply_to of notices for one actor: a front end's errors about its tensors, a Client's lost inputs."""
+    return f"{INTERNAL_REPLY_PREFIX}{actor_id}"
+
+
+def is_internal_key(routing_key: str | None) -> bool:
+    """Whether a routing key on `<ns>.results` carries a notice between actors rather than an answer."""
+    return (routing_key or "").startswith(escape_key(INTERNAL_REPLY_PREFIX))
 
 
 def name_segment(segment: str) -> str:

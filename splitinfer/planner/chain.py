@@ -296,8 +296,7 @@ def _array_labels(graph: CostGraph, cm: CostModel, segs, comp, in_sizes, out_siz
     wr = (power.radio_w - power.idle_w) if power else 0.0
     wi = power.idle_w if power else 0.0
     comp_a = np.array(comp, dtype=float)
-    rtt, bw = np.array(cm.rtt, dtype=float), np.array(cm.bw, dtype=float)
-    unreachable = ~np.array(cm.reach, dtype=bool)
+    bw = np.array(cm.bw, dtype=float)
     servers = np.arange(S)
 
     def within(lat):
@@ -324,18 +323,12 @@ def _array_labels(graph: CostGraph, cm: CostModel, segs, comp, in_sizes, out_siz
         layers = [(lat[ok], en[ok], servers[ok], np.full(len(ok), -1))]
         for k in range(1, len(segs)):
             lat, en, srv, _ = layers[-1]
-            nb = float(graph.tensors[segs[k - 1][1]].nbytes)
-            hop = rtt + nb / bw + cm.broker.per_message + cm.broker.per_byte * nb
-            hop[unreachable] = np.inf
-            np.fill_diagonal(hop, 0.0)
-            radio = np.zeros((S, S))
-            radio[cl, :], radio[:, cl] = nb / bw[cl, :], nb / bw[:, cl]
-            radio[cl, cl] = 0.0
-            run = comp_a[k]
-            erun = wi * run + wc * np.where(servers == cl, run, 0.0)
             if not len(lat):
                 layers.append(layers[-1])  # nothing reached this far within the budget: nothing goes on
                 continue
+            nb = float(graph.tensors[segs[k - 1][1]].nbytes)
+            hop = cm.hop_matrix(nb)
+            run = comp_a[k]
             L = lat[:, None] + hop[srv, :] + run[None, :]
             if power is None:
                 best = L.argmin(axis=0)
@@ -343,6 +336,10 @@ def _array_labels(graph: CostGraph, cm: CostModel, segs, comp, in_sizes, out_siz
                 ok = np.flatnonzero(within(new))
                 layers.append((new[ok], np.zeros(len(ok)), servers[ok], best[ok]))
                 continue
+            radio = np.zeros((S, S))  # the bytes' time on the air, when the client sends or receives them
+            radio[cl, :], radio[:, cl] = nb / bw[cl, :], nb / bw[:, cl]
+            radio[cl, cl] = 0.0
+            erun = wi * run + wc * np.where(servers == cl, run, 0.0)
             E = en[:, None] + wr * radio[srv, :] + wi * hop[srv, :] + erun[None, :]
             E[~within(L)] = np.inf
             # a label slower than the least-energy label at its server, and using no less energy, is beaten by it

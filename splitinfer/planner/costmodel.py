@@ -25,6 +25,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from splitinfer.planner.model import CODEC_FACTOR, Cluster, CostGraph, PlanError
 
 STAND_IN_FLOOR = 1e-6  # a server slower than this is the planner's stand-in for a client with no server
@@ -46,7 +48,7 @@ class CostModel:
         self.idx = {n: i for i, n in enumerate(self.names)}
         self.client = self.idx[cluster.client]
         scale = 1e9 if graph.unit == "flops" else 1.0
-        self.rate = [s.speed * scale * (1.0 - s.load) for s in self.servers]  # cost units per second
+        self.rate = [s.effective_speed * scale for s in self.servers]  # cost units per second
         self.broker = cluster.broker
         n = len(self.servers)
         links = {frozenset((x.a, x.b)): (x.rtt, x.bandwidth) for x in reversed(cluster.links)}  # first one wins
@@ -91,6 +93,15 @@ class CostModel:
             return math.inf
         return self.rtt[a][b] + sum(self.per_tensor(x, a, b) for x in sizes)
 
+    def hop_matrix(self, nbytes: float) -> np.ndarray:
+        """`hop` of one tensor of `nbytes` for every pair of servers at once (S x S; inf where unreachable)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.array(self.rtt) + nbytes / np.array(self.bw) + self.broker.per_message \
+                + self.broker.per_byte * nbytes
+        out[~np.array(self.reach, dtype=bool)] = np.inf
+        np.fill_diagonal(out, 0.0)
+        return out
+
     def wire(self, a: int, b: int, nbytes: float) -> float:
         """bytes / bandwidth: the time the bytes occupy the link (radio-on time when the client is an end)."""
         if a == b:
@@ -120,9 +131,6 @@ def dominated_servers(graph: CostGraph, cluster: Cluster, exclude: Sequence[str]
     total = graph.total_params
     live = [(i, s) for i, s in enumerate(cluster.servers) if s.name not in out]
 
-    def rate(s):
-        return s.speed * (1.0 - s.load)
-
     def has_runtimes(a, b) -> bool:
         return a.runtimes is None or (b.runtimes is not None and set(b.runtimes) <= set(a.runtimes))
 
@@ -135,7 +143,7 @@ def dominated_servers(graph: CostGraph, cluster: Cluster, exclude: Sequence[str]
         for i, a in holders:
             if i == j or a.site != b.site or not has_runtimes(a, b):
                 continue
-            ra, rb = rate(a), rate(b)
+            ra, rb = a.effective_speed, b.effective_speed
             if ra > rb or (ra == rb and (not b_holds or (i < j and has_runtimes(b, a)))):
                 dominated.append(b.name)
                 break

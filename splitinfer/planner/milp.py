@@ -157,7 +157,7 @@ def site_candidates(graph: CostGraph, cluster: Cluster, max_servers: int, exclud
     others = [s for s in cluster.servers if s.name not in exclude and s.name != cluster.client]
     per_site = max(1, max_servers // max(1, len({s.site for s in others})))
     preferred = set(prefer)
-    others.sort(key=lambda s: (s.name not in preferred, s.name in dominated, -s.speed * (1.0 - s.load)))
+    others.sort(key=lambda s: (s.name not in preferred, s.name in dominated, -s.effective_speed))
     kept, at_site = [cluster.client], {}
     for s in others:
         if len(kept) > max_servers:

@@ -237,6 +237,11 @@ class Server(BaseModel):
     power: PowerProfile | None = None  # set on a battery device
     runtimes: tuple[str, ...] | None = None  # the part runtimes it has (None: every runtime the graph measured)
 
+    @property
+    def effective_speed(self) -> float:
+        """Its speed less the share other work takes."""
+        return self.speed * (1.0 - self.load)
+
 
 class Link(BaseModel):
     """A symmetric link between two sites. A link from a site to itself overrides the default (0 s, unlimited)."""
